@@ -1,0 +1,183 @@
+"""Chunked PyTorch backend for smooth AP (DESIGN.md §1-§3), on any device.
+
+Queries are grouped by their number of positives ``p``. For a block of ``q`` queries of one group
+the sigmoid of every (query, positive, item) difference is a ``(q, p, N)`` tensor; blocks are
+sized so that it stays within a workspace, so nothing of size B³ or (all pairs × N) is ever held.
+The backward recomputes the sigmoid instead of storing it: only ``A`` and ``R`` (one value per
+(query, positive) pair) and the scaled scores are saved.
+"""
+from typing import Callable, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+DEFAULT_WORKSPACE_BYTES = 64 * 2**20
+
+
+class PositiveGroup(NamedTuple):
+    """Queries that have the same number ``p`` of positives."""
+
+    queries: torch.Tensor  # (Qg,) long: rows of the score matrix
+    positives: torch.Tensor  # (Qg, p) long: column of each positive, ascending
+
+
+def group_by_positive_count(pos_mask: torch.Tensor) -> List[PositiveGroup]:
+    """Split the rows of a (Q, N) bool mask by their number of positives (rows with none dropped)."""
+    counts = pos_mask.sum(1)
+    groups = []
+    for p in counts.unique().tolist():
+        if p == 0:
+            continue
+        queries = (counts == p).nonzero().squeeze(1)
+        positives = pos_mask[queries].nonzero()[:, 1].view(-1, p)
+        groups.append(PositiveGroup(queries, positives))
+    return groups
+
+
+def rank_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Ranks are computed in float64 for float64 scores, in float32 otherwise (DESIGN.md §4)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def masked_scores(scores, valid_mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """``scores * scale`` in the rank dtype, with items outside ``valid_mask`` set to -inf.
+
+    A -inf item contributes sigmoid(-inf) = 0 to every rank and gets a zero gradient, so the
+    retrieval mask costs nothing inside the rank loops.
+    """
+    out = scores.to(rank_dtype(scores.dtype)) * scale
+    if valid_mask is not None:
+        out = out.masked_fill(~valid_mask, float("-inf"))
+    return out
+
+
+def _blocks(group: PositiveGroup, n_items: int, max_elems: int):
+    """(query slice, positive slice) pairs whose (q, p, N) block holds at most ``max_elems``
+    elements (or one row of N when a single row is larger)."""
+    n_queries, p = group.positives.shape
+    if p * n_items <= max_elems:
+        step = max(1, max_elems // (p * n_items))
+        for q0 in range(0, n_queries, step):
+            yield slice(q0, q0 + step), slice(0, p)
+    else:
+        step = max(1, max_elems // n_items)
+        for q0 in range(n_queries):
+            for p0 in range(0, p, step):
+                yield slice(q0, q0 + 1), slice(p0, p0 + step)
+
+
+def _rows_and_positive_scores(scaled, group: PositiveGroup, qs: slice):
+    queries = group.queries[qs]
+    rows = scaled.index_select(0, queries)  # (q, N)
+    return queries, rows, rows.gather(1, group.positives[qs])  # (q, p)
+
+
+def sigmoid_(x):
+    return x.sigmoid_()
+
+
+def heaviside_(x):
+    """The τ → 0 limit of the sigmoid: 0, 1/2 at ties, 1."""
+    return x.sign_().add_(1).mul_(0.5)
+
+
+def group_ranks(
+    scaled: torch.Tensor, group: PositiveGroup, squash: Callable, max_elems: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Smooth ranks of each positive of each query in ``group``.
+
+    Returns ``A`` (among retrieved items) and ``R`` (among positives), both (Qg, p). The term
+    j = i contributes squash(0) = 1/2 to each sum, so ``1 + Σ_{j≠i}`` is ``1/2 + Σ_j``.
+    """
+    A = torch.empty(group.positives.shape, dtype=scaled.dtype, device=scaled.device)
+    R = torch.empty_like(A)
+    for qs, ps in _blocks(group, scaled.shape[1], max_elems):
+        _, rows, pos_scores = _rows_and_positive_scores(scaled, group, qs)
+        anchors = pos_scores[:, ps].unsqueeze(2)  # (q, pb, 1)
+        A[qs, ps] = squash(rows.unsqueeze(1) - anchors).sum(2).add_(0.5)
+        R[qs, ps] = squash(pos_scores.unsqueeze(1) - anchors).sum(2).add_(0.5)
+    return A, R
+
+
+def average_precision_from_ranks(
+    scaled: torch.Tensor, groups: List[PositiveGroup], ranks, out_dtype
+) -> torch.Tensor:
+    """(Q,) mean over positives of R / A; NaN for a query without positives."""
+    ap = torch.full((scaled.shape[0],), float("nan"), dtype=scaled.dtype, device=scaled.device)
+    for group, (A, R) in zip(groups, ranks):
+        ap[group.queries] = (R / A).mean(1)
+    return ap.to(out_dtype)
+
+
+def scaled_score_grad(scaled, groups, ranks, grad_ap, max_elems) -> torch.Tensor:
+    """∂L/∂scaled (Q, N) from ∂L/∂AP (Q,), by DESIGN.md §3 with σ recomputed block by block."""
+    grad = torch.zeros_like(scaled)
+    grad_ap = grad_ap.to(scaled.dtype)
+    for group, (A, R) in zip(groups, ranks):
+        p = group.positives.shape[1]
+        alpha = grad_ap[group.queries].unsqueeze(1) / (p * A)  # coefficient of R
+        beta = -alpha * R / A  # coefficient of A
+        grad_pos = torch.zeros_like(A)  # gradient collected at the positives' columns
+        for qs, ps in _blocks(group, scaled.shape[1], max_elems):
+            queries, rows, pos_scores = _rows_and_positive_scores(scaled, group, qs)
+            anchors = pos_scores[:, ps].unsqueeze(2)
+            # A-terms: w[q, i, j] = β[q, i] σ'(x); ∂s[q, j] += w, ∂s[q, i] -= Σ_j w.
+            u = (rows.unsqueeze(1) - anchors).sigmoid_()
+            w = torch.ops.aten.sigmoid_backward.grad_input(
+                beta[qs, ps].unsqueeze(2).expand_as(u), u, grad_input=u
+            )
+            grad[queries] += w.sum(1)
+            grad_pos[qs, ps] -= w.sum(2)
+            # R-terms, over positive columns only.
+            u = (pos_scores.unsqueeze(1) - anchors).sigmoid_()
+            w = alpha[qs, ps].unsqueeze(2) * u * (1 - u)
+            grad_pos[qs] += w.sum(1)
+            grad_pos[qs, ps] -= w.sum(2)
+        grad.index_put_(
+            (group.queries.unsqueeze(1).expand_as(group.positives), group.positives),
+            grad_pos,
+            accumulate=True,
+        )
+    return grad
+
+
+class SmoothAPFunction(torch.autograd.Function):
+    """(scores (Q, N), pos_mask, valid_mask | None, temperature, max_elems) → smooth AP (Q,)."""
+
+    @staticmethod
+    def forward(ctx, scores, pos_mask, valid_mask, temperature, max_elems):
+        scaled = masked_scores(scores, valid_mask, 1.0 / temperature)
+        groups = group_by_positive_count(pos_mask)
+        ranks = [group_ranks(scaled, g, sigmoid_, max_elems) for g in groups]
+        ctx.groups, ctx.temperature, ctx.max_elems = groups, temperature, max_elems
+        ctx.scores_dtype = scores.dtype
+        ctx.save_for_backward(scaled, *[t for AR in ranks for t in AR])
+        return average_precision_from_ranks(scaled, groups, ranks, scores.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_ap):
+        scaled, *flat = ctx.saved_tensors
+        ranks = list(zip(flat[0::2], flat[1::2]))
+        grad = scaled_score_grad(scaled, ctx.groups, ranks, grad_ap, ctx.max_elems)
+        grad_scores = (grad / ctx.temperature).to(ctx.scores_dtype)
+        return grad_scores, None, None, None, None
+
+
+def _max_elems(scores, workspace_bytes: int) -> int:
+    """How many rank-dtype elements one (q, p, N) block may hold."""
+    return max(1, workspace_bytes * 8 // torch.finfo(rank_dtype(scores.dtype)).bits)
+
+
+def smooth_ap(scores, pos_mask, valid_mask, temperature, workspace_bytes):
+    max_elems = _max_elems(scores, workspace_bytes)
+    return SmoothAPFunction.apply(scores, pos_mask, valid_mask, temperature, max_elems)
+
+
+@torch.no_grad()
+def average_precision(scores, pos_mask, valid_mask, workspace_bytes):
+    max_elems = _max_elems(scores, workspace_bytes)
+    scaled = masked_scores(scores, valid_mask, 1.0)
+    groups = group_by_positive_count(pos_mask)
+    ranks = [group_ranks(scaled, g, heaviside_, max_elems) for g in groups]
+    return average_precision_from_ranks(scaled, groups, ranks, scores.dtype)

@@ -1,0 +1,100 @@
+"""Functional API: smooth AP and exact AP of a (Q, N) score matrix under boolean masks.
+
+Usable without pytorch-metric-learning. ``scores[q, j]`` is how close item ``j`` is to query
+``q`` (larger is closer). ``pos_mask[q, j]`` marks the positives of ``q``; ``valid_mask[q, j]``
+the items ranked for ``q`` (default: all). Every positive must be ranked (``pos_mask`` ⊆
+``valid_mask``). A query with no positive has no AP: its entry is NaN (select queries with
+``pos_mask.any(1)``).
+"""
+import math
+from typing import Optional
+
+import torch
+
+from .kernels import torch_chunked
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def check_temperature(temperature) -> float:
+    """``temperature`` as a float, or ValueError unless it is a finite number > 0."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    return float(temperature)
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs on ``device``: "auto" means "torch" until a Triton backend exists."""
+    if check_backend(backend) == "triton":
+        raise ValueError("the 'triton' backend is not available in this version; use 'torch'")
+    return "torch"
+
+
+def _check_inputs(scores, pos_mask, valid_mask):
+    if not torch.is_tensor(scores) or scores.ndim != 2 or not scores.is_floating_point():
+        raise ValueError("scores must be a floating-point tensor of shape (Q, N)")
+    masks = {"pos_mask": pos_mask, "valid_mask": valid_mask}
+    for name, mask in masks.items():
+        if mask is None and name == "valid_mask":
+            continue
+        if not torch.is_tensor(mask) or mask.dtype != torch.bool:
+            raise ValueError(f"{name} must be a bool tensor")
+        if mask.shape != scores.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(mask.shape)}, scores have shape {tuple(scores.shape)}"
+            )
+    pos_mask = pos_mask.to(scores.device)
+    if valid_mask is not None:
+        valid_mask = valid_mask.to(scores.device)
+        if (pos_mask & ~valid_mask).any():
+            raise ValueError("every positive must be ranked: pos_mask must imply valid_mask")
+    return pos_mask, valid_mask
+
+
+def smooth_ap(
+    scores: torch.Tensor,
+    pos_mask: torch.Tensor,
+    valid_mask: Optional[torch.Tensor] = None,
+    temperature: float = 0.01,
+    backend: str = "auto",
+    workspace_bytes: int = torch_chunked.DEFAULT_WORKSPACE_BYTES,
+) -> torch.Tensor:
+    """Smooth AP of each query, (Q,), differentiable with respect to ``scores``.
+
+    For each positive ``i`` of query ``q``, with σ the logistic sigmoid and τ the temperature::
+
+        A[q, i] = 1 + Σ_{j valid, j≠i} σ((s[q, j] - s[q, i]) / τ)
+        R[q, i] = 1 + Σ_{j positive, j≠i} σ((s[q, j] - s[q, i]) / τ)
+        AP[q]   = mean over positives i of R[q, i] / A[q, i]
+
+    Ranks are computed in float32 (float64 for float64 scores); the result has the scores'
+    dtype. NaN for a query without positives. ``workspace_bytes`` bounds the temporaries of the
+    "torch" backend.
+    """
+    temperature = check_temperature(temperature)
+    pos_mask, valid_mask = _check_inputs(scores, pos_mask, valid_mask)
+    resolve_backend(backend, scores.device)
+    return torch_chunked.smooth_ap(scores, pos_mask, valid_mask, temperature, workspace_bytes)
+
+
+def average_precision(
+    scores: torch.Tensor,
+    pos_mask: torch.Tensor,
+    valid_mask: Optional[torch.Tensor] = None,
+    workspace_bytes: int = torch_chunked.DEFAULT_WORKSPACE_BYTES,
+) -> torch.Tensor:
+    """Exact AP of each query, (Q,): the τ → 0 limit of :func:`smooth_ap` (not differentiable).
+
+    The sigmoid becomes a step that counts a tie as 1/2. Without ties this is the usual AP, the
+    mean over positives of the precision at their rank. NaN for a query without positives.
+    """
+    pos_mask, valid_mask = _check_inputs(scores, pos_mask, valid_mask)
+    return torch_chunked.average_precision(scores.detach(), pos_mask, valid_mask, workspace_bytes)
