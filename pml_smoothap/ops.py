@@ -7,6 +7,7 @@ the items ranked for ``q`` (default: all). Every positive must be ranked (``pos_
 ``pos_mask.any(1)``).
 """
 import math
+import os
 from typing import Optional
 
 import torch
@@ -31,11 +32,39 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs on ``device``: "auto" means "torch" until a Triton backend exists."""
-    if check_backend(backend) == "triton":
-        raise ValueError("the 'triton' backend is not available in this version; use 'torch'")
-    return "torch"
+def resolve_backend(
+    backend: str, device: torch.device, dtype: Optional[torch.dtype] = None
+) -> str:
+    """The backend that runs scores of ``dtype`` on ``device``: "torch" or "triton".
+
+    "auto" is "triton" for CUDA tensors when Triton imports, "torch" otherwise. An explicit
+    "triton" needs Triton installed and a CUDA tensor, or a CPU tensor with TRITON_INTERPRET=1
+    (Triton's interpreter: slow, for tests). float64 scores always use "torch": the Triton
+    kernels accumulate in float32.
+    """
+    backend = check_backend(backend)
+    device = torch.device(device)
+    if backend == "torch" or dtype == torch.float64:
+        return "torch"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if not _triton_available():
+        raise ImportError("backend='triton' needs Triton: pip install triton (Linux x86_64)")
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if device.type != "cuda" and not (device.type == "cpu" and interpret):
+        raise ValueError(
+            f"backend='triton' runs on CUDA tensors, got a {device.type} tensor; on CPU set "
+            "TRITON_INTERPRET=1 (Triton's interpreter, slow) or use backend='torch'"
+        )
+    return "triton"
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _check_inputs(scores, pos_mask, valid_mask):
@@ -76,12 +105,16 @@ def smooth_ap(
         AP[q]   = mean over positives i of R[q, i] / A[q, i]
 
     Ranks are computed in float32 (float64 for float64 scores); the result has the scores'
-    dtype. NaN for a query without positives. ``workspace_bytes`` bounds the temporaries of the
+    dtype. NaN for a query without positives. ``backend``: "torch", "triton" (fused kernels) or
+    "auto" (see :func:`resolve_backend`). ``workspace_bytes`` bounds the temporaries of the
     "torch" backend.
     """
     temperature = check_temperature(temperature)
     pos_mask, valid_mask = _check_inputs(scores, pos_mask, valid_mask)
-    resolve_backend(backend, scores.device)
+    if resolve_backend(backend, scores.device, scores.dtype) == "triton":
+        from .kernels import triton_fused  # imported on first use: Triton stays optional
+
+        return triton_fused.smooth_ap(scores, pos_mask, valid_mask, temperature)
     return torch_chunked.smooth_ap(scores, pos_mask, valid_mask, temperature, workspace_bytes)
 
 

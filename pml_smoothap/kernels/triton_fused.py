@@ -1,0 +1,263 @@
+"""Fused Triton backend for smooth AP (DESIGN.md §1, §3, §5), for any positive / retrieval masks.
+
+The kernels read the (Q, N) scores (scaled by 1/τ after loading, in float32 whatever the input
+dtype; items outside the retrieval set are -inf, so σ = 0 and σ' = 0 there) and a padded
+(Q, Pmax) int32 table of each query's positive columns. One program per query holds a tile of
+BLOCK_P positives and streams the row in BLOCK_N columns; nothing of size (pairs × N) is written.
+
+* forward (grid Q): per positive i, ``A = 1/2 + Σ_j σ(s_j - s_i)`` over the row (σ(0) = 1/2 is the
+  j = i term), ``R`` the same over the positive columns, and ``slope = Σ_j σ'(s_j - s_i)``, which
+  the backward needs and which does not depend on ∂L/∂AP.
+* backward, items (grid Q × column blocks): ``∂s_j = Σ_i β_i σ'(s_j - s_i)`` — each program owns
+  a block of one row and sums over all positive tiles in registers: no atomics, deterministic.
+* backward, positives (grid Q): adds to each positive column ``-β_i slope_i`` (its A-terms as an
+  anchor) and ``Σ_k (α_k - α_i) σ'(s_k - s_i)`` (its R-terms as receiver and as anchor).
+
+with ``α_i = g / (n A_i)`` and ``β_i = -g R_i / (n A_i²)`` (DESIGN.md §3). Float64 scores are not
+handled here: the kernels accumulate in float32, so ``ops.resolve_backend`` sends them to "torch".
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from .torch_chunked import masked_scores
+
+# Kernels built at import for Triton's CPU interpreter (TRITON_INTERPRET=1) run on CPU tensors
+# only through it; compiled kernels need CUDA tensors.
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+TILE_ELEMS = 4096  # BLOCK_P × BLOCK_N elements per loop step
+MAX_BLOCK_P = 16
+MIN_BLOCK = 2
+
+
+@triton.jit
+def _load_positive_tile(row, stride_sn, table_row, stride_tp, p0, n_pos, scale, other,
+                        BLOCK_P: tl.constexpr):
+    """Offsets, liveness, columns and scaled float32 scores of positives p0 .. p0 + BLOCK_P."""
+    offs = p0 + tl.arange(0, BLOCK_P)
+    live = offs < n_pos
+    cols = tl.load(table_row + offs * stride_tp, mask=live, other=0)
+    scores = tl.load(row + cols * stride_sn, mask=live, other=other).to(tl.float32) * scale
+    return offs, live, cols, scores
+
+
+@triton.jit
+def _smooth_ap_fwd_kernel(
+    scores_ptr, stride_sq, stride_sn,
+    table_ptr, stride_tq, stride_tp,
+    counts_ptr,
+    rank_all_ptr, rank_pos_ptr, slope_ptr, stride_rq, stride_rp,
+    n_items, scale,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """A, R and slope (Q, Pmax) of each live positive; one program per query."""
+    q = tl.program_id(0).to(tl.int64)
+    row = scores_ptr + q * stride_sq
+    table_row = table_ptr + q * stride_tq
+    n_pos = tl.load(counts_ptr + q)
+    for p0 in range(0, n_pos, BLOCK_P):
+        offs, live, _, anchors = _load_positive_tile(
+            row, stride_sn, table_row, stride_tp, p0, n_pos, scale, 0.0, BLOCK_P)
+        rank_all = tl.zeros([BLOCK_P], dtype=tl.float32)
+        slope = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for n0 in range(0, n_items, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            items = tl.load(row + cols * stride_sn, mask=cols < n_items,
+                            other=float("-inf")).to(tl.float32) * scale
+            u = tl.sigmoid(items[None, :] - anchors[:, None])
+            rank_all += tl.sum(u, axis=1)
+            slope += tl.sum(u - u * u, axis=1)
+        rank_pos = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for k0 in range(0, n_pos, BLOCK_P):
+            _, _, _, others = _load_positive_tile(
+                row, stride_sn, table_row, stride_tp, k0, n_pos, scale, float("-inf"), BLOCK_P)
+            rank_pos += tl.sum(tl.sigmoid(others[None, :] - anchors[:, None]), axis=1)
+        out = q * stride_rq + offs * stride_rp
+        tl.store(rank_all_ptr + out, rank_all + 0.5, mask=live)
+        tl.store(rank_pos_ptr + out, rank_pos + 0.5, mask=live)
+        tl.store(slope_ptr + out, slope, mask=live)
+
+
+@triton.jit
+def _smooth_ap_bwd_items_kernel(
+    scores_ptr, stride_sq, stride_sn,
+    table_ptr, stride_tq, stride_tp,
+    counts_ptr,
+    beta_ptr, stride_cq, stride_cp,
+    grad_ptr, stride_gq, stride_gn,
+    n_items, scale,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """grad[q, j] = scale · Σ_i β_i σ'(s_j - s_i) for one block of columns of one query."""
+    q = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = scores_ptr + q * stride_sq
+    table_row = table_ptr + q * stride_tq
+    n_pos = tl.load(counts_ptr + q)
+    items = tl.load(row + cols * stride_sn, mask=cols < n_items,
+                    other=float("-inf")).to(tl.float32) * scale
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for p0 in range(0, n_pos, BLOCK_P):
+        offs, live, _, anchors = _load_positive_tile(
+            row, stride_sn, table_row, stride_tp, p0, n_pos, scale, 0.0, BLOCK_P)
+        beta = tl.load(beta_ptr + q * stride_cq + offs * stride_cp, mask=live, other=0.0)
+        u = tl.sigmoid(items[None, :] - anchors[:, None])
+        acc += tl.sum(beta[:, None] * (u - u * u), axis=0)
+    tl.store(grad_ptr + q * stride_gq + cols * stride_gn, acc * scale, mask=cols < n_items)
+
+
+@triton.jit
+def _smooth_ap_bwd_positives_kernel(
+    scores_ptr, stride_sq, stride_sn,
+    table_ptr, stride_tq, stride_tp,
+    counts_ptr,
+    alpha_ptr, beta_ptr, slope_ptr, stride_cq, stride_cp,
+    grad_ptr, stride_gq, stride_gn,
+    scale,
+    BLOCK_P: tl.constexpr,
+):
+    """Adds each positive's anchor terms to grad at its column; one program per query."""
+    q = tl.program_id(0).to(tl.int64)
+    row = scores_ptr + q * stride_sq
+    table_row = table_ptr + q * stride_tq
+    coef_row = q * stride_cq
+    n_pos = tl.load(counts_ptr + q)
+    for p0 in range(0, n_pos, BLOCK_P):
+        offs, live, cols, anchors = _load_positive_tile(
+            row, stride_sn, table_row, stride_tp, p0, n_pos, scale, 0.0, BLOCK_P)
+        alpha = tl.load(alpha_ptr + coef_row + offs * stride_cp, mask=live, other=0.0)
+        beta = tl.load(beta_ptr + coef_row + offs * stride_cp, mask=live, other=0.0)
+        acc = -beta * tl.load(slope_ptr + coef_row + offs * stride_cp, mask=live, other=0.0)
+        for k0 in range(0, n_pos, BLOCK_P):
+            k_offs, k_live, _, others = _load_positive_tile(
+                row, stride_sn, table_row, stride_tp, k0, n_pos, scale, float("-inf"), BLOCK_P)
+            alpha_k = tl.load(alpha_ptr + coef_row + k_offs * stride_cp, mask=k_live, other=0.0)
+            u = tl.sigmoid(others[None, :] - anchors[:, None])
+            d = u - u * u
+            acc += tl.sum(alpha_k[None, :] * d, axis=1) - alpha * tl.sum(d, axis=1)
+        grad_cols = grad_ptr + q * stride_gq + cols * stride_gn
+        tl.store(grad_cols, tl.load(grad_cols, mask=live, other=0.0) + acc * scale, mask=live)
+
+
+class BlockSizes(NamedTuple):
+    positives: int  # BLOCK_P: positives per tile
+    items: int  # BLOCK_N: columns per block
+
+
+def default_block_sizes(max_positives: int, n_items: int) -> BlockSizes:
+    """Tiles of about TILE_ELEMS elements, no larger than the problem needs."""
+    block_p = max(MIN_BLOCK, min(triton.next_power_of_2(max(max_positives, 1)), MAX_BLOCK_P))
+    block_n = max(16, min(TILE_ELEMS // block_p, triton.next_power_of_2(max(n_items, 1))))
+    return BlockSizes(block_p, block_n)
+
+
+def positive_table(pos_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(table (Q, Pmax) int32: each row's positive columns ascending, -1 padded; counts (Q,) int32).
+
+    Built in row chunks of under 2³¹ mask elements (CUDA ``nonzero`` limit in older PyTorch).
+    """
+    n_queries, n_items = pos_mask.shape
+    counts = pos_mask.sum(1)
+    max_positives = int(counts.max()) if n_queries else 0
+    table = torch.full((n_queries, max(max_positives, 1)), -1, dtype=torch.int32,
+                       device=pos_mask.device)
+    chunk = max(1, (2**31 - 1) // max(n_items, 1))
+    for r0 in range(0, n_queries, chunk):
+        rows, cols = pos_mask[r0:r0 + chunk].nonzero(as_tuple=True)
+        row_start = counts[r0:r0 + chunk].cumsum(0) - counts[r0:r0 + chunk]
+        slots = torch.arange(len(rows), device=rows.device) - row_start[rows]
+        table[r0 + rows, slots] = cols.to(torch.int32)
+    return table, counts.to(torch.int32)
+
+
+def _check_device(scores):
+    if scores.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(
+            "the Triton kernels were compiled for CUDA; to run them on CPU tensors set "
+            "TRITON_INTERPRET=1 before pml_smoothap.kernels.triton_fused is first imported"
+        )
+
+
+def smooth_ap_ranks(scores, table, counts, temperature, block_sizes: BlockSizes):
+    """(A, R, slope), each (Q, Pmax) float32, from ``scores`` (Q, N) with -inf outside the
+    retrieval sets. Padding entries hold A = 1, R = 0, slope = 0."""
+    _check_device(scores)
+    n_queries, n_items = scores.shape
+    rank_all = torch.ones(table.shape, dtype=torch.float32, device=scores.device)
+    rank_pos = torch.zeros_like(rank_all)
+    slope = torch.zeros_like(rank_all)
+    if n_queries:
+        _smooth_ap_fwd_kernel[(n_queries,)](
+            scores, scores.stride(0), scores.stride(1),
+            table, table.stride(0), table.stride(1),
+            counts,
+            rank_all, rank_pos, slope, rank_all.stride(0), rank_all.stride(1),
+            n_items, 1.0 / temperature,
+            BLOCK_P=block_sizes.positives, BLOCK_N=block_sizes.items,
+        )
+    return rank_all, rank_pos, slope
+
+
+def smooth_ap_score_grad(scores, table, counts, ranks, grad_ap, temperature,
+                         block_sizes: BlockSizes) -> torch.Tensor:
+    """∂L/∂scores (Q, N) float32 from ∂L/∂AP (Q,), DESIGN.md §3 with σ recomputed."""
+    _check_device(scores)
+    rank_all, rank_pos, slope = ranks
+    n_queries, n_items = scores.shape
+    live = table >= 0
+    alpha = grad_ap.to(torch.float32).unsqueeze(1) / (counts.unsqueeze(1) * rank_all)
+    alpha = torch.where(live, alpha, torch.zeros_like(alpha))  # coefficient of R
+    beta = -alpha * rank_pos / rank_all  # coefficient of A
+    grad = torch.empty((n_queries, n_items), dtype=torch.float32, device=scores.device)
+    if n_queries and n_items:
+        scale = 1.0 / temperature
+        common = (scores, scores.stride(0), scores.stride(1),
+                  table, table.stride(0), table.stride(1), counts)
+        _smooth_ap_bwd_items_kernel[(n_queries, triton.cdiv(n_items, block_sizes.items))](
+            *common, beta, beta.stride(0), beta.stride(1),
+            grad, grad.stride(0), grad.stride(1), n_items, scale,
+            BLOCK_P=block_sizes.positives, BLOCK_N=block_sizes.items,
+        )
+        _smooth_ap_bwd_positives_kernel[(n_queries,)](
+            *common, alpha, beta, slope, alpha.stride(0), alpha.stride(1),
+            grad, grad.stride(0), grad.stride(1), scale,
+            BLOCK_P=block_sizes.positives,
+        )
+    return grad
+
+
+class SmoothAPFunction(torch.autograd.Function):
+    """(scores (Q, N), pos_mask, valid_mask | None, temperature, block_sizes | None) → AP (Q,).
+
+    Same semantics as :class:`torch_chunked.SmoothAPFunction`: AP in the scores' dtype, NaN for
+    a query without positives; ``block_sizes=None`` picks them from the shape.
+    """
+
+    @staticmethod
+    def forward(ctx, scores, pos_mask, valid_mask, temperature, block_sizes):
+        kernel_scores = scores if valid_mask is None else masked_scores(scores, valid_mask, 1.0)
+        table, counts = positive_table(pos_mask)
+        if block_sizes is None:
+            block_sizes = default_block_sizes(table.shape[1], scores.shape[1])
+        ranks = smooth_ap_ranks(kernel_scores, table, counts, temperature, block_sizes)
+        rank_all, rank_pos, _ = ranks
+        ap = (rank_pos / rank_all).sum(1) / counts  # 0 / 0 = NaN without positives
+        ctx.temperature, ctx.block_sizes, ctx.scores_dtype = temperature, block_sizes, scores.dtype
+        ctx.save_for_backward(kernel_scores, table, counts, *ranks)
+        return ap.to(scores.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_ap):
+        kernel_scores, table, counts, *ranks = ctx.saved_tensors
+        grad = smooth_ap_score_grad(kernel_scores, table, counts, ranks, grad_ap,
+                                    ctx.temperature, ctx.block_sizes)
+        return grad.to(ctx.scores_dtype), None, None, None, None
+
+
+def smooth_ap(scores, pos_mask, valid_mask, temperature, block_sizes: Optional[BlockSizes] = None):
+    """Smooth AP (Q,) of float16 / bfloat16 / float32 ``scores`` (Q, N) under bool masks."""
+    return SmoothAPFunction.apply(scores, pos_mask, valid_mask, temperature, block_sizes)
