@@ -34,13 +34,14 @@ MIN_BLOCK = 2
 
 
 @triton.jit
-def _load_positive_tile(row, stride_sn, table_row, stride_tp, p0, n_pos, scale, other,
+def _load_positive_tile(row, stride_sn, table_row, stride_tp, p0, n_pos, scale,
                         BLOCK_P: tl.constexpr):
-    """Offsets, liveness, columns and scaled float32 scores of positives p0 .. p0 + BLOCK_P."""
+    """Offsets, liveness, columns and scaled float32 scores (0 where not live) of positives
+    p0 .. p0 + BLOCK_P of one query."""
     offs = p0 + tl.arange(0, BLOCK_P)
     live = offs < n_pos
     cols = tl.load(table_row + offs * stride_tp, mask=live, other=0)
-    scores = tl.load(row + cols * stride_sn, mask=live, other=other).to(tl.float32) * scale
+    scores = tl.load(row + cols * stride_sn, mask=live, other=0.0).to(tl.float32) * scale
     return offs, live, cols, scores
 
 
@@ -60,7 +61,7 @@ def _smooth_ap_fwd_kernel(
     n_pos = tl.load(counts_ptr + q)
     for p0 in range(0, n_pos, BLOCK_P):
         offs, live, _, anchors = _load_positive_tile(
-            row, stride_sn, table_row, stride_tp, p0, n_pos, scale, 0.0, BLOCK_P)
+            row, stride_sn, table_row, stride_tp, p0, n_pos, scale, BLOCK_P)
         rank_all = tl.zeros([BLOCK_P], dtype=tl.float32)
         slope = tl.zeros([BLOCK_P], dtype=tl.float32)
         for n0 in range(0, n_items, BLOCK_N):
@@ -72,9 +73,10 @@ def _smooth_ap_fwd_kernel(
             slope += tl.sum(u - u * u, axis=1)
         rank_pos = tl.zeros([BLOCK_P], dtype=tl.float32)
         for k0 in range(0, n_pos, BLOCK_P):
-            _, _, _, others = _load_positive_tile(
-                row, stride_sn, table_row, stride_tp, k0, n_pos, scale, float("-inf"), BLOCK_P)
-            rank_pos += tl.sum(tl.sigmoid(others[None, :] - anchors[:, None]), axis=1)
+            _, k_live, _, others = _load_positive_tile(
+                row, stride_sn, table_row, stride_tp, k0, n_pos, scale, BLOCK_P)
+            u = tl.sigmoid(others[None, :] - anchors[:, None])
+            rank_pos += tl.sum(tl.where(k_live[None, :], u, 0.0), axis=1)
         out = q * stride_rq + offs * stride_rp
         tl.store(rank_all_ptr + out, rank_all + 0.5, mask=live)
         tl.store(rank_pos_ptr + out, rank_pos + 0.5, mask=live)
@@ -102,7 +104,7 @@ def _smooth_ap_bwd_items_kernel(
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for p0 in range(0, n_pos, BLOCK_P):
         offs, live, _, anchors = _load_positive_tile(
-            row, stride_sn, table_row, stride_tp, p0, n_pos, scale, 0.0, BLOCK_P)
+            row, stride_sn, table_row, stride_tp, p0, n_pos, scale, BLOCK_P)
         beta = tl.load(beta_ptr + q * stride_cq + offs * stride_cp, mask=live, other=0.0)
         u = tl.sigmoid(items[None, :] - anchors[:, None])
         acc += tl.sum(beta[:, None] * (u - u * u), axis=0)
@@ -127,16 +129,16 @@ def _smooth_ap_bwd_positives_kernel(
     n_pos = tl.load(counts_ptr + q)
     for p0 in range(0, n_pos, BLOCK_P):
         offs, live, cols, anchors = _load_positive_tile(
-            row, stride_sn, table_row, stride_tp, p0, n_pos, scale, 0.0, BLOCK_P)
+            row, stride_sn, table_row, stride_tp, p0, n_pos, scale, BLOCK_P)
         alpha = tl.load(alpha_ptr + coef_row + offs * stride_cp, mask=live, other=0.0)
         beta = tl.load(beta_ptr + coef_row + offs * stride_cp, mask=live, other=0.0)
         acc = -beta * tl.load(slope_ptr + coef_row + offs * stride_cp, mask=live, other=0.0)
         for k0 in range(0, n_pos, BLOCK_P):
             k_offs, k_live, _, others = _load_positive_tile(
-                row, stride_sn, table_row, stride_tp, k0, n_pos, scale, float("-inf"), BLOCK_P)
+                row, stride_sn, table_row, stride_tp, k0, n_pos, scale, BLOCK_P)
             alpha_k = tl.load(alpha_ptr + coef_row + k_offs * stride_cp, mask=k_live, other=0.0)
             u = tl.sigmoid(others[None, :] - anchors[:, None])
-            d = u - u * u
+            d = tl.where(k_live[None, :], u - u * u, 0.0)
             acc += tl.sum(alpha_k[None, :] * d, axis=1) - alpha * tl.sum(d, axis=1)
         grad_cols = grad_ptr + q * stride_gq + cols * stride_gn
         tl.store(grad_cols, tl.load(grad_cols, mask=live, other=0.0) + acc * scale, mask=live)
