@@ -47,7 +47,7 @@ def masked_scores(scores, valid_mask: Optional[torch.Tensor], scale: float) -> t
     """
     out = scores.to(rank_dtype(scores.dtype)) * scale
     if valid_mask is not None:
-        out = out.masked_fill(~valid_mask, float("-inf"))
+        out.masked_fill_(~valid_mask, float("-inf"))
     return out
 
 
