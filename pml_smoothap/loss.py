@@ -85,6 +85,9 @@ class SmoothAPLoss(BaseMetricLossFunction):
     def get_default_distance(self):
         return CosineSimilarity()
 
+    # Data-dependent masks, grouping and chunk loops: torch.compile would only split this into
+    # many small graphs, slower than eager (benchmarks/torch_compile.py), so it runs eagerly.
+    @torch.compiler.disable
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         c_f.labels_or_indices_tuple_required(labels, indices_tuple)
         if len(embeddings) == 0 or len(ref_emb) == 0:
