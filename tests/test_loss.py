@@ -1,6 +1,7 @@
 """SmoothAPLoss at its edges: bad input, empty batches, queries without a term, dtypes, devices."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from pytorch_metric_learning.reducers import DoNothingReducer
@@ -34,6 +35,16 @@ def random_batch(labels, dim=8, seed=0, dtype=torch.float64):
 def test_constructor_rejects_bad_hyperparameters(kwargs, error, match):
     with pytest.raises(error, match=match):
         SmoothAPLoss(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "temperature", [0.05, 1, np.float64(0.05), np.float32(0.05), np.int64(1)], ids=repr
+)
+def test_any_real_number_is_a_temperature(temperature):
+    """numpy scalars (np.float32 from a config array or np.linspace(...).astype) are numbers."""
+    loss_fn = SmoothAPLoss(temperature=temperature)
+    assert isinstance(loss_fn.temperature, float)
+    assert loss_fn.temperature == pytest.approx(float(temperature))
 
 
 def test_labels_are_required():
