@@ -7,6 +7,7 @@ the items ranked for ``q`` (default: all). Every positive must be ranked (``pos_
 ``pos_mask.any(1)``).
 """
 import math
+import numbers
 import os
 from typing import Optional
 
@@ -19,7 +20,7 @@ BACKENDS = ("auto", "torch", "triton")
 
 def check_temperature(temperature) -> float:
     """``temperature`` as a float, or ValueError unless it is a finite number > 0."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
