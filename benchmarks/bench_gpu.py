@@ -229,7 +229,8 @@ def benchmark_size(bench, batch_size, floor_kernel):
 
 
 def table(results):
-    lines = ["| B | method | fwd+bwd ms | peak MB | x floor | loss |", "|---:|---|---:|---:|---:|---:|"]
+    lines = ["| B | method | fwd+bwd ms | peak MB | x floor | loss |",
+             "|---:|---|---:|---:|---:|---:|"]
     for batch_size, by_method in results.items():
         floor = by_method["floor: one σ pass (Triton)"]
         for method, r in by_method.items():

@@ -141,6 +141,14 @@ def test_deterministic():
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
+def test_forward_splits_rows_only_when_there_are_few_queries():
+    assert triton_fused.forward_splits(9, 21, 16) == (2, 16)  # as in the tests above
+    assert triton_fused.forward_splits(3, 40, 16) == (3, 16)
+    assert triton_fused.forward_splits(8, 10_000, 256) == (40, 256)
+    assert triton_fused.forward_splits(1024, 65536, 1024) == (4, 16384)
+    assert triton_fused.forward_splits(65536, 65536, 1024) == (1, 65536)
+
+
 def test_positive_table():
     pos_mask = torch.tensor([[0, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
     table, counts = triton_fused.positive_table(pos_mask)

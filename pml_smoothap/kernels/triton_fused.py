@@ -2,12 +2,14 @@
 
 The kernels read the (Q, N) scores (scaled by 1/τ after loading, in float32 whatever the input
 dtype; items outside the retrieval set are -inf, so σ = 0 and σ' = 0 there) and a padded
-(Q, Pmax) int32 table of each query's positive columns. One program per query holds a tile of
-BLOCK_P positives and streams the row in BLOCK_N columns; nothing of size (pairs × N) is written.
+(Q, Pmax) int32 table of each query's positive columns. A program holds a tile of BLOCK_P
+positives of one query and streams that query's row in BLOCK_N columns; nothing of size
+(pairs × N) is written.
 
-* forward (grid Q): per positive i, ``A = 1/2 + Σ_j σ(s_j - s_i)`` over the row (σ(0) = 1/2 is the
-  j = i term), ``R`` the same over the positive columns, and ``slope = Σ_j σ'(s_j - s_i)``, which
-  the backward needs and which does not depend on ∂L/∂AP.
+* forward (grid Q × column splits; one split unless there are few queries): per positive i,
+  ``A = 1/2 + Σ_j σ(s_j - s_i)`` over the row (σ(0) = 1/2 is the j = i term), ``R`` the same
+  over the positive columns, and ``slope = Σ_j σ'(s_j - s_i)``, which the backward needs and
+  which does not depend on ∂L/∂AP.
 * backward, items (grid Q × column blocks): ``∂s_j = Σ_i β_i σ'(s_j - s_i)`` — each program owns
   a block of one row and sums over all positive tiles in registers: no atomics, deterministic.
 * backward, positives (grid Q): adds to each positive column ``-β_i slope_i`` (its A-terms as an
@@ -31,6 +33,7 @@ INTERPRETED = bool(triton.knobs.runtime.interpret)
 TILE_ELEMS = 4096  # BLOCK_P × BLOCK_N elements per loop step
 MAX_BLOCK_P = 16
 MIN_BLOCK = 2
+FORWARD_PROGRAMS = 4096  # split rows into column ranges below this many queries
 
 
 @triton.jit
@@ -50,37 +53,43 @@ def _smooth_ap_fwd_kernel(
     scores_ptr, stride_sq, stride_sn,
     table_ptr, stride_tq, stride_tp,
     counts_ptr,
-    rank_all_ptr, rank_pos_ptr, slope_ptr, stride_rq, stride_rp,
-    n_items, scale,
+    partial_all_ptr, partial_slope_ptr, stride_ps, stride_pq, stride_pp,
+    rank_pos_ptr, stride_rq, stride_rp,
+    n_items, split_cols, scale,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """A, R and slope (Q, Pmax) of each live positive; one program per query."""
+    """For one query and one split of ``split_cols`` columns: Σ_j σ and Σ_j σ' of each live
+    positive (``partial_*[split, q, :]``); split 0 also writes R (``rank_pos[q, :]``)."""
     q = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
     row = scores_ptr + q * stride_sq
     table_row = table_ptr + q * stride_tq
     n_pos = tl.load(counts_ptr + q)
+    col_start = split * split_cols
+    col_end = tl.minimum(col_start + split_cols, n_items)
     for p0 in range(0, n_pos, BLOCK_P):
         offs, live, _, anchors = _load_positive_tile(
             row, stride_sn, table_row, stride_tp, p0, n_pos, scale, BLOCK_P)
         rank_all = tl.zeros([BLOCK_P], dtype=tl.float32)
         slope = tl.zeros([BLOCK_P], dtype=tl.float32)
-        for n0 in range(0, n_items, BLOCK_N):
+        for n0 in range(col_start, col_end, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
-            items = tl.load(row + cols * stride_sn, mask=cols < n_items,
+            items = tl.load(row + cols * stride_sn, mask=cols < col_end,
                             other=float("-inf")).to(tl.float32) * scale
             u = tl.sigmoid(items[None, :] - anchors[:, None])
             rank_all += tl.sum(u, axis=1)
             slope += tl.sum(u - u * u, axis=1)
-        rank_pos = tl.zeros([BLOCK_P], dtype=tl.float32)
-        for k0 in range(0, n_pos, BLOCK_P):
-            _, k_live, _, others = _load_positive_tile(
-                row, stride_sn, table_row, stride_tp, k0, n_pos, scale, BLOCK_P)
-            u = tl.sigmoid(others[None, :] - anchors[:, None])
-            rank_pos += tl.sum(tl.where(k_live[None, :], u, 0.0), axis=1)
-        out = q * stride_rq + offs * stride_rp
-        tl.store(rank_all_ptr + out, rank_all + 0.5, mask=live)
-        tl.store(rank_pos_ptr + out, rank_pos + 0.5, mask=live)
-        tl.store(slope_ptr + out, slope, mask=live)
+        partial = split.to(tl.int64) * stride_ps + q * stride_pq + offs * stride_pp
+        tl.store(partial_all_ptr + partial, rank_all, mask=live)
+        tl.store(partial_slope_ptr + partial, slope, mask=live)
+        if split == 0:
+            rank_pos = tl.zeros([BLOCK_P], dtype=tl.float32)
+            for k0 in range(0, n_pos, BLOCK_P):
+                _, k_live, _, others = _load_positive_tile(
+                    row, stride_sn, table_row, stride_tp, k0, n_pos, scale, BLOCK_P)
+                u = tl.sigmoid(others[None, :] - anchors[:, None])
+                rank_pos += tl.sum(tl.where(k_live[None, :], u, 0.0), axis=1)
+            tl.store(rank_pos_ptr + q * stride_rq + offs * stride_rp, rank_pos + 0.5, mask=live)
 
 
 @triton.jit
@@ -183,24 +192,39 @@ def _check_device(scores):
         )
 
 
+def forward_splits(n_queries: int, n_items: int, block_items: int) -> Tuple[int, int]:
+    """(number of column splits, columns per split, a multiple of ``block_items``): enough
+    forward programs to fill a large GPU when there are few queries."""
+    n_blocks = triton.cdiv(n_items, block_items)
+    wanted = min(n_blocks, max(1, triton.cdiv(FORWARD_PROGRAMS, max(n_queries, 1))))
+    split_cols = triton.cdiv(n_blocks, wanted) * block_items
+    return triton.cdiv(n_items, split_cols), split_cols
+
+
 def smooth_ap_ranks(scores, table, counts, temperature, block_sizes: BlockSizes):
     """(A, R, slope), each (Q, Pmax) float32, from ``scores`` (Q, N) with -inf outside the
-    retrieval sets. Padding entries hold A = 1, R = 0, slope = 0."""
+    retrieval sets. Padding entries hold A = 1, R = 0, slope = 0. The sums over column splits
+    are added in a fixed order, so the result is deterministic."""
     _check_device(scores)
     n_queries, n_items = scores.shape
-    rank_all = torch.ones(table.shape, dtype=torch.float32, device=scores.device)
-    rank_pos = torch.zeros_like(rank_all)
-    slope = torch.zeros_like(rank_all)
-    if n_queries:
-        _smooth_ap_fwd_kernel[(n_queries,)](
-            scores, scores.stride(0), scores.stride(1),
-            table, table.stride(0), table.stride(1),
-            counts,
-            rank_all, rank_pos, slope, rank_all.stride(0), rank_all.stride(1),
-            n_items, 1.0 / temperature,
-            BLOCK_P=block_sizes.positives, BLOCK_N=block_sizes.items,
-        )
-    return rank_all, rank_pos, slope
+    live = table >= 0
+    rank_pos = torch.zeros(table.shape, dtype=torch.float32, device=scores.device)
+    if not (n_queries and n_items):
+        return torch.ones_like(rank_pos), rank_pos, torch.zeros_like(rank_pos)
+    n_splits, split_cols = forward_splits(n_queries, n_items, block_sizes.items)
+    partial_all, partial_slope = torch.zeros((2, n_splits, *table.shape), dtype=torch.float32,
+                                             device=scores.device)
+    _smooth_ap_fwd_kernel[(n_queries, n_splits)](
+        scores, scores.stride(0), scores.stride(1),
+        table, table.stride(0), table.stride(1),
+        counts,
+        partial_all, partial_slope, *partial_all.stride(),
+        rank_pos, rank_pos.stride(0), rank_pos.stride(1),
+        n_items, split_cols, 1.0 / temperature,
+        BLOCK_P=block_sizes.positives, BLOCK_N=block_sizes.items,
+    )
+    rank_all = torch.where(live, partial_all.sum(0) + 0.5, torch.ones_like(rank_pos))
+    return rank_all, rank_pos, partial_slope.sum(0)
 
 
 def smooth_ap_score_grad(scores, table, counts, ranks, grad_ap, temperature,
