@@ -162,34 +162,18 @@ def check_backends(bench, out):
     return all_ok
 
 
-def benchmark_size(bench, batch_size, floor_kernel):
-    """Measurements for one batch size, as {method: result}."""
+def benchmark_ranks(bench, emb, labels, floor_kernel):
+    """Both backends on the rank computation alone (scores → 1 - mean AP → ∂/∂scores), and the
+    floor, on the cosine scores of ``emb``."""
     import torch
-    import torch.nn.functional as F
-    from pytorch_metric_learning import losses
-    from pytorch_metric_learning.distances import CosineSimilarity
 
-    from pml_smoothap import SmoothAPLoss, ops
+    from pml_smoothap import ops
     from pml_smoothap.kernels import triton_fused
-    from pml_smoothap.reference import authors_smooth_ap_loss
 
-    torch.manual_seed(0)
-    device = bench.device
-    labels = torch.arange(batch_size // PER_CLASS, device=device).repeat_interleave(PER_CLASS)
-    emb = F.normalize(torch.randn(batch_size, DIM, device=device), dim=1).requires_grad_()
-    results = {}
-
-    def loss_step(loss_fn):
-        def step():
-            emb.grad = None
-            loss = loss_fn()
-            loss.backward()
-            return loss.detach()
-        return step
-
-    # The rank computation alone: scores → 1 - mean AP → ∂/∂scores.
+    batch_size = len(emb)
     scores = (emb.detach() @ emb.detach().T).requires_grad_()
     pos_mask = labels[:, None] == labels[None, :]
+    results = {}
     for backend in ("triton", "torch"):
         def ranks_step(backend=backend):
             scores.grad = None
@@ -200,7 +184,7 @@ def benchmark_size(bench, batch_size, floor_kernel):
 
     table, counts = triton_fused.positive_table(pos_mask)
     block = triton_fused.default_block_sizes(table.shape[1], batch_size)
-    floor_out = torch.empty(batch_size, device=device)
+    floor_out = torch.empty(batch_size, device=bench.device)
 
     def floor_step():
         floor_kernel[(batch_size,)](scores, scores.stride(0), table, table.stride(0), counts,
@@ -208,24 +192,58 @@ def benchmark_size(bench, batch_size, floor_kernel):
                                     BLOCK_P=block.positives, BLOCK_N=block.items)
         return floor_out[0]
     results["floor: one σ pass (Triton)"] = bench.measure(floor_step)
-    del scores, pos_mask, table, counts, floor_out
+    return results
 
-    for backend in ("triton", "torch"):
-        loss_fn = SmoothAPLoss(backend=backend)
-        results[f"{backend}: SmoothAPLoss"] = bench.measure(
-            loss_step(lambda loss_fn=loss_fn: loss_fn(emb, labels)))
-    builtin = losses.SmoothAPLoss(distance=CosineSimilarity())
-    b3_methods = {
-        "authors' formula": lambda: authors_smooth_ap_loss(emb, batch_size // PER_CLASS),
-        "PML 2.9.0 SmoothAPLoss": lambda: builtin(emb, labels),
+
+def benchmark_losses(bench, emb, labels):
+    """Embeddings → loss → ∂/∂embeddings: SmoothAPLoss with each backend, the authors' formula
+    and PML's SmoothAPLoss (these two unless their B×B×B tensors would not fit)."""
+    from pytorch_metric_learning import losses
+    from pytorch_metric_learning.distances import CosineSimilarity
+
+    from pml_smoothap import SmoothAPLoss
+    from pml_smoothap.reference import authors_smooth_ap_loss
+
+    batch_size = len(emb)
+
+    def authors(emb, labels):  # dot products of the (unit) embeddings, ordered batch
+        return authors_smooth_ap_loss(emb, batch_size // PER_CLASS)
+
+    methods = {
+        "triton: SmoothAPLoss": SmoothAPLoss(backend="triton"),
+        "torch: SmoothAPLoss": SmoothAPLoss(backend="torch"),
+        "authors' formula": authors,
+        "PML 2.9.0 SmoothAPLoss": losses.SmoothAPLoss(distance=CosineSimilarity()),
     }
-    for name, fn in b3_methods.items():
+    results = {}
+    for name, loss_fn in methods.items():
+        def step(loss_fn=loss_fn):
+            emb.grad = None
+            loss = loss_fn(emb, labels)
+            loss.backward()
+            return loss.detach()
+        if name.startswith(("triton", "torch")):
+            results[name] = bench.measure(step)
+            continue
         need_gb = BYTES_PER_B3 * batch_size**3 / 1e9
         if need_gb > bench.free_gb():
             results[name] = {"skipped": f"OOM (needs {need_gb:,.0f} GB)"}
         else:
-            results[name] = bench.measure(loss_step(fn), repeats=min(bench.repeats, 3))
+            results[name] = bench.measure(step, repeats=min(bench.repeats, 3))
     return results
+
+
+def benchmark_size(bench, batch_size, floor_kernel):
+    """{method: measurement} for an ordered batch of ``batch_size`` random unit embeddings."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    labels = torch.arange(batch_size // PER_CLASS, device=bench.device)
+    labels = labels.repeat_interleave(PER_CLASS)
+    emb = F.normalize(torch.randn(batch_size, DIM, device=bench.device), dim=1).requires_grad_()
+    return {**benchmark_ranks(bench, emb, labels, floor_kernel),
+            **benchmark_losses(bench, emb, labels)}
 
 
 def table(results):

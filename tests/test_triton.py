@@ -15,7 +15,7 @@ from pytorch_metric_learning.miners import BatchHardMiner
 pytest.importorskip("triton")
 
 from pml_smoothap import SmoothAPLoss, ops  # noqa: E402
-from pml_smoothap.kernels import torch_chunked, triton_fused  # noqa: E402
+from pml_smoothap.kernels import triton_fused  # noqa: E402
 from pml_smoothap.reference import per_query_smooth_ap  # noqa: E402
 
 SMALL_BLOCKS = triton_fused.BlockSizes(positives=4, items=16)
@@ -202,7 +202,7 @@ def test_backend_resolution(monkeypatch):
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
     scores = random_scores(3, 4, seed=15)
     pos_mask = torch.eye(3, 4, dtype=torch.bool)
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         ops.smooth_ap(scores, pos_mask, backend="triton")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
