@@ -56,7 +56,7 @@ def make_floor_kernel():
         q = tl.program_id(0).to(tl.int64)
         row = scores_ptr + q * stride_sq
         n_pos = tl.load(counts_ptr + q)
-        total = tl.zeros([BLOCK_P], dtype=tl.float32)
+        total = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
         for p0 in range(0, n_pos, BLOCK_P):
             offs = p0 + tl.arange(0, BLOCK_P)
             cols = tl.load(table_ptr + q * stride_tq + offs, mask=offs < n_pos, other=0)
@@ -65,8 +65,8 @@ def make_floor_kernel():
                 items_at = n0 + tl.arange(0, BLOCK_N)
                 items = tl.load(row + items_at, mask=items_at < n_items,
                                 other=float("-inf")).to(tl.float32) * scale
-                total += tl.sum(tl.sigmoid(items[None, :] - anchors[:, None]), axis=1)
-        tl.store(out_ptr + q, tl.sum(total, axis=0))
+                total += tl.sigmoid(items[None, :] - anchors[:, None])
+        tl.store(out_ptr + q, tl.sum(tl.sum(total, axis=1), axis=0))
 
     return sigmoid_floor_kernel
 

@@ -70,18 +70,19 @@ def _smooth_ap_fwd_kernel(
     for p0 in range(0, n_pos, BLOCK_P):
         offs, live, _, anchors = _load_positive_tile(
             row, stride_sn, table_row, stride_tp, p0, n_pos, scale, BLOCK_P)
-        rank_all = tl.zeros([BLOCK_P], dtype=tl.float32)
-        slope = tl.zeros([BLOCK_P], dtype=tl.float32)
+        # Element-wise accumulators, reduced once after the loop (no reduction per block).
+        sig_sum = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+        slope_sum = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
         for n0 in range(col_start, col_end, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             items = tl.load(row + cols * stride_sn, mask=cols < col_end,
                             other=float("-inf")).to(tl.float32) * scale
             u = tl.sigmoid(items[None, :] - anchors[:, None])
-            rank_all += tl.sum(u, axis=1)
-            slope += tl.sum(u - u * u, axis=1)
+            sig_sum += u
+            slope_sum += u - u * u
         partial = split.to(tl.int64) * stride_ps + q * stride_pq + offs * stride_pp
-        tl.store(partial_all_ptr + partial, rank_all, mask=live)
-        tl.store(partial_slope_ptr + partial, slope, mask=live)
+        tl.store(partial_all_ptr + partial, tl.sum(sig_sum, axis=1), mask=live)
+        tl.store(partial_slope_ptr + partial, tl.sum(slope_sum, axis=1), mask=live)
         if split == 0:
             rank_pos = tl.zeros([BLOCK_P], dtype=tl.float32)
             for k0 in range(0, n_pos, BLOCK_P):
@@ -110,14 +111,15 @@ def _smooth_ap_bwd_items_kernel(
     n_pos = tl.load(counts_ptr + q)
     items = tl.load(row + cols * stride_sn, mask=cols < n_items,
                     other=float("-inf")).to(tl.float32) * scale
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)  # reduced over positives at the end
     for p0 in range(0, n_pos, BLOCK_P):
         offs, live, _, anchors = _load_positive_tile(
             row, stride_sn, table_row, stride_tp, p0, n_pos, scale, BLOCK_P)
         beta = tl.load(beta_ptr + q * stride_cq + offs * stride_cp, mask=live, other=0.0)
         u = tl.sigmoid(items[None, :] - anchors[:, None])
-        acc += tl.sum(beta[:, None] * (u - u * u), axis=0)
-    tl.store(grad_ptr + q * stride_gq + cols * stride_gn, acc * scale, mask=cols < n_items)
+        acc += beta[:, None] * (u - u * u)
+    grad = tl.sum(acc, axis=0) * scale
+    tl.store(grad_ptr + q * stride_gq + cols * stride_gn, grad, mask=cols < n_items)
 
 
 @triton.jit
