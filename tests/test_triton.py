@@ -156,6 +156,15 @@ def test_positive_table():
     assert counts.tolist() == [3, 0, 1]
 
 
+def test_positive_table_across_column_blocks():
+    pos_mask, _ = random_masks(5, 37, seed=16, p_pos=0.4)
+    table, counts = triton_fused.positive_table(pos_mask, block_items=8)
+    for row, positives, count in zip(pos_mask, table, counts):
+        expected = row.nonzero().flatten().tolist()
+        assert count == len(expected)
+        assert positives.tolist() == expected + [-1] * (table.shape[1] - len(expected))
+
+
 def test_loss_module_with_triton_backend():
     """SmoothAPLoss(backend="triton") equals backend="torch" for labels, a miner, and ref_emb."""
     g = torch.Generator().manual_seed(12)
@@ -223,10 +232,10 @@ from pml_smoothap.kernels import triton_fused as tf
 
 assert not tf.INTERPRETED
 kernels = (tf._smooth_ap_fwd_kernel, tf._smooth_ap_bwd_items_kernel,
-           tf._smooth_ap_bwd_positives_kernel)
+           tf._smooth_ap_bwd_positives_kernel, tf._positive_table_kernel)
 for dtype, kernel in [(dtype, kernel) for dtype in sys.argv[1:] for kernel in kernels]:
     pointers = {"scores_ptr": "*" + dtype, "table_ptr": "*i32", "counts_ptr": "*i32",
-                "scale": "fp32"}
+                "flags_ptr": "*u8", "scale": "fp32"}
     constexprs = {"BLOCK_P": 4, "BLOCK_N": 1024}
     constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
     signature = {name: pointers.get(name, "*fp32" if name.endswith("_ptr") else "i32")
@@ -239,8 +248,8 @@ for dtype, kernel in [(dtype, kernel) for dtype in sys.argv[1:] for kernel in ke
 
 
 def test_kernels_compile_for_cuda():
-    """The CUDA path, which the interpreter does not exercise, compiles to a Hopper cubin (no GPU
-    needed: Triton ships ptxas)."""
+    """The kernels compile to a Hopper cubin — the CUDA path, which the interpreter does not
+    exercise (no GPU needed: Triton ships ptxas)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER, "fp32", "bf16"],
                           env=env, capture_output=True, text=True, timeout=300)

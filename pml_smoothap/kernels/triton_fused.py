@@ -33,6 +33,7 @@ INTERPRETED = bool(triton.knobs.runtime.interpret)
 TILE_ELEMS = 4096  # BLOCK_P × BLOCK_N elements per loop step
 MAX_BLOCK_P = 16
 MIN_BLOCK = 2
+TABLE_BLOCK = 1024  # mask columns per step when building the table of positives
 FORWARD_PROGRAMS = 4096  # split rows into column ranges below this many queries
 
 
@@ -155,6 +156,25 @@ def _smooth_ap_bwd_positives_kernel(
         tl.store(grad_cols, tl.load(grad_cols, mask=live, other=0.0) + acc * scale, mask=live)
 
 
+@triton.jit
+def _positive_table_kernel(
+    flags_ptr, stride_fq, stride_fn,
+    table_ptr, stride_tq, stride_tp,
+    n_items,
+    BLOCK_N: tl.constexpr,
+):
+    """Writes the columns of the nonzero flags of one row, in order, to its row of the table."""
+    q = tl.program_id(0).to(tl.int64)
+    found = 0
+    for n0 in range(0, n_items, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        flag = tl.load(flags_ptr + q * stride_fq + cols * stride_fn, mask=cols < n_items, other=0)
+        flag = (flag != 0).to(tl.int32)
+        slots = found + tl.cumsum(flag, axis=0) - flag
+        tl.store(table_ptr + q * stride_tq + slots * stride_tp, cols, mask=flag != 0)
+        found += tl.sum(flag, axis=0)
+
+
 class BlockSizes(NamedTuple):
     positives: int  # BLOCK_P: positives per tile
     items: int  # BLOCK_N: columns per block
@@ -167,23 +187,26 @@ def default_block_sizes(max_positives: int, n_items: int) -> BlockSizes:
     return BlockSizes(block_p, block_n)
 
 
-def positive_table(pos_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def positive_table(pos_mask: torch.Tensor, block_items: int = TABLE_BLOCK
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(table (Q, Pmax) int32: each row's positive columns ascending, -1 padded; counts (Q,) int32).
 
-    Built in row chunks of under 2³¹ mask elements (CUDA ``nonzero`` limit in older PyTorch).
+    One pass of a Triton kernel over the mask, ``block_items`` columns at a time: a prefix sum
+    per block gives each positive its slot.
     """
+    _check_device(pos_mask)
     n_queries, n_items = pos_mask.shape
-    counts = pos_mask.sum(1)
+    counts = pos_mask.sum(1, dtype=torch.int32)
     max_positives = int(counts.max()) if n_queries else 0
     table = torch.full((n_queries, max(max_positives, 1)), -1, dtype=torch.int32,
                        device=pos_mask.device)
-    chunk = max(1, (2**31 - 1) // max(n_items, 1))
-    for r0 in range(0, n_queries, chunk):
-        rows, cols = pos_mask[r0:r0 + chunk].nonzero(as_tuple=True)
-        row_start = counts[r0:r0 + chunk].cumsum(0) - counts[r0:r0 + chunk]
-        slots = torch.arange(len(rows), device=rows.device) - row_start[rows]
-        table[r0 + rows, slots] = cols.to(torch.int32)
-    return table, counts.to(torch.int32)
+    if max_positives:
+        flags = pos_mask.view(torch.uint8)
+        _positive_table_kernel[(n_queries,)](
+            flags, flags.stride(0), flags.stride(1), table, table.stride(0), table.stride(1),
+            n_items, BLOCK_N=min(block_items, triton.next_power_of_2(n_items)),
+        )
+    return table, counts
 
 
 def _check_device(scores):
