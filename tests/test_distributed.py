@@ -6,6 +6,7 @@ so that DDP's gradient averaging gives the gradient of the loss itself:
   carries gradient.
 * efficient=True: each rank ranks its own queries against all gathered items, without the
   query's own copy (leave-one-out); gradient flows through its own queries and items only.
+* CrossBatchMemory: every rank enqueues the gathered batch and ranks it against the memory.
 """
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch.multiprocessing as mp
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
-from pml_smoothap import SmoothAPLoss
+from pml_smoothap import CrossBatchMemory, SmoothAPLoss
 from pml_smoothap.reference import per_query_smooth_ap, reference_sets
 
 WORLD_SIZE, LOCAL_BATCH, TAU = 2, 10, 0.05
@@ -45,6 +46,11 @@ def run_rank(rank, init_file, out_dir):
             loss = loss_fn(local, labels[local_slice(rank)])
             loss.backward()
             results[efficient] = (loss.detach(), local.grad)
+        local = embeddings[local_slice(rank)].clone().requires_grad_()
+        memory = DistributedLossWrapper(CrossBatchMemory(SmoothAPLoss(TAU), 6, memory_size=64))
+        loss = memory(local, labels[local_slice(rank)])
+        loss.backward()
+        results["memory"] = (loss.detach(), local.grad)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -89,5 +95,20 @@ def test_efficient_ranks_local_queries_against_all_items(rank_results, rank):
     expected = torch.stack([1 - aps[q] for q in local_queries if aps[q] is not None]).mean()
     (expected_grad,) = torch.autograd.grad(expected, embeddings)
     loss, grad = rank_results[rank][True]
+    torch.testing.assert_close(loss, WORLD_SIZE * expected.detach())
+    torch.testing.assert_close(grad, WORLD_SIZE * expected_grad[local_slice(rank)])
+
+
+@pytest.mark.parametrize("rank", range(WORLD_SIZE))
+def test_cross_batch_memory_first_step_is_leave_one_out_ap_of_the_gathered_batch(rank_results, rank):
+    embeddings, labels = global_batch()
+    queries = embeddings.clone().requires_grad_()
+    # The memory holds detached copies: gradient flows through the queries only.
+    scores = CosineSimilarity()(queries, embeddings)
+    positives, retrieval = reference_sets(labels, include_self=False)
+    aps = per_query_smooth_ap(scores, positives, retrieval, TAU)
+    expected = torch.stack([1 - ap for ap in aps if ap is not None]).mean()
+    (expected_grad,) = torch.autograd.grad(expected, queries)
+    loss, grad = rank_results[rank]["memory"]
     torch.testing.assert_close(loss, WORLD_SIZE * expected.detach())
     torch.testing.assert_close(grad, WORLD_SIZE * expected_grad[local_slice(rank)])
