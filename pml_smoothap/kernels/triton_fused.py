@@ -31,8 +31,7 @@ from .torch_chunked import masked_scores
 # only through it; compiled kernels need CUDA tensors.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 TILE_ELEMS = 4096  # BLOCK_P × BLOCK_N elements per loop step
-MAX_BLOCK_P = 16
-MIN_BLOCK = 2
+MIN_BLOCK_P, MAX_BLOCK_P, MIN_BLOCK_N = 2, 16, 16
 TABLE_BLOCK = 1024  # mask columns per step when building the table of positives
 FORWARD_PROGRAMS = 4096  # split rows into column ranges below this many queries
 
@@ -182,8 +181,8 @@ class BlockSizes(NamedTuple):
 
 def default_block_sizes(max_positives: int, n_items: int) -> BlockSizes:
     """Tiles of about TILE_ELEMS elements, no larger than the problem needs."""
-    block_p = max(MIN_BLOCK, min(triton.next_power_of_2(max(max_positives, 1)), MAX_BLOCK_P))
-    block_n = max(16, min(TILE_ELEMS // block_p, triton.next_power_of_2(max(n_items, 1))))
+    block_p = max(MIN_BLOCK_P, min(triton.next_power_of_2(max(max_positives, 1)), MAX_BLOCK_P))
+    block_n = max(MIN_BLOCK_N, min(TILE_ELEMS // block_p, triton.next_power_of_2(max(n_items, 1))))
     return BlockSizes(block_p, block_n)
 
 
