@@ -58,7 +58,10 @@ def main():
     parser.add_argument("--dim", type=int, default=128)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu")
-    print("| batch | eager ms | compiled, as shipped ms (first call s) | compiled, loss traced ms (first call s) |")
+    print(
+        "| batch | eager ms | compiled, as shipped ms (first call s) "
+        "| compiled, loss traced ms (first call s) |"
+    )
     print("|---:|---:|---:|---:|")
     for batch_size in args.batch_sizes:
         torch.manual_seed(0)

@@ -100,7 +100,7 @@ def test_efficient_ranks_local_queries_against_all_items(rank_results, rank):
 
 
 @pytest.mark.parametrize("rank", range(WORLD_SIZE))
-def test_cross_batch_memory_first_step_is_leave_one_out_ap_of_the_gathered_batch(rank_results, rank):
+def test_cross_batch_memory_first_step_is_leave_one_out_ap_of_gathered_batch(rank_results, rank):
     embeddings, labels = global_batch()
     queries = embeddings.clone().requires_grad_()
     # The memory holds detached copies: gradient flows through the queries only.

@@ -22,7 +22,9 @@ def test_metric_loss_only_trainer_improves_map_at_r_on_digits():
     trunk = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
     embedder = torch.nn.Linear(64, 32)
     tester = testers.GlobalEmbeddingSpaceTester(
-        accuracy_calculator=AccuracyCalculator(include=("mean_average_precision_at_r",), k="max_bin_count"),
+        accuracy_calculator=AccuracyCalculator(
+            include=("mean_average_precision_at_r",), k="max_bin_count"
+        ),
         dataloader_num_workers=0,
         batch_size=256,
     )
@@ -39,7 +41,9 @@ def test_metric_loss_only_trainer_improves_map_at_r_on_digits():
         batch_size=64,
         loss_funcs={"metric_loss": SmoothAPLoss()},
         dataset=torch.utils.data.TensorDataset(train_x, train_y),
-        sampler=samplers.MPerClassSampler(train_y, m=8, batch_size=64, length_before_new_iter=64 * 30),
+        sampler=samplers.MPerClassSampler(
+            train_y, m=8, batch_size=64, length_before_new_iter=64 * 30
+        ),
         dataloader_num_workers=0,
     )
     trainer.train(num_epochs=1)  # 30 iterations
