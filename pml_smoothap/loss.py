@@ -41,13 +41,12 @@ def query_masks(labels, ref_labels, indices_tuple, shape, self_ranking, include_
         a1, p, a2, n = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
         pos_mask = _pair_mask(a1, p, shape, device, "positive")
         valid_mask = _pair_mask(a2, n, shape, device, "negative") | pos_mask
-    if self_ranking:
-        diagonal = torch.eye(n_queries, dtype=torch.bool, device=device)
-        pos_mask = pos_mask | diagonal if include_self else pos_mask & ~diagonal
+    if self_ranking:  # the masks are new tensors: set their diagonals in place
+        pos_mask.fill_diagonal_(include_self)
         if valid_mask is not None:
-            valid_mask = valid_mask | diagonal if include_self else valid_mask & ~diagonal
+            valid_mask.fill_diagonal_(include_self)
         elif not include_self:
-            valid_mask = ~diagonal
+            valid_mask = ~torch.eye(n_queries, dtype=torch.bool, device=device)
     return pos_mask, valid_mask
 
 
@@ -110,19 +109,23 @@ class SmoothAPLoss(BaseMetricLossFunction):
             self.include_self,
             scores.device,
         )
-        others = pos_mask.sum(1) - (pos_mask.diagonal().long() if self_ranking else 0)
+        others = torch.count_nonzero(pos_mask, dim=1)
+        if self_ranking:
+            others -= pos_mask.diagonal().long()
         has_term = others > 0
-        if not has_term.any():
-            return self.zero_losses()
         queries = has_term.nonzero().squeeze(1)
+        if len(queries) == 0:
+            return self.zero_losses()
+        if len(queries) < len(has_term):  # the AP of a query without a term is not computed
+            pos_mask = pos_mask & has_term.unsqueeze(1)
         ap = ops.smooth_ap(
-            scores[queries],
-            pos_mask[queries],
-            None if valid_mask is None else valid_mask[queries],
+            scores,
+            pos_mask,
+            valid_mask,
             self.temperature,
             self.backend,
             self.workspace_bytes,
-        )
+        )[queries]
         return {
             "loss": {
                 "losses": (1 - ap).to(embeddings.dtype),

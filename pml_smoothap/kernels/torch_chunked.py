@@ -17,20 +17,24 @@ DEFAULT_WORKSPACE_BYTES = 64 * 2**20
 class PositiveGroup(NamedTuple):
     """Queries that have the same number ``p`` of positives."""
 
-    queries: torch.Tensor  # (Qg,) long: rows of the score matrix
+    queries: torch.Tensor  # (Qg,) long: rows of the score matrix, ascending
     positives: torch.Tensor  # (Qg, p) long: column of each positive, ascending
+    first_query: Optional[int]  # set when the rows are consecutive: they are then read as views
 
 
 def group_by_positive_count(pos_mask: torch.Tensor) -> List[PositiveGroup]:
     """Split the rows of a (Q, N) bool mask by their number of positives (rows with none dropped)."""
-    counts = pos_mask.sum(1)
+    counts = torch.count_nonzero(pos_mask, dim=1)
     groups = []
     for p in counts.unique().tolist():
         if p == 0:
             continue
         queries = (counts == p).nonzero().squeeze(1)
-        positives = pos_mask[queries].nonzero()[:, 1].view(-1, p)
-        groups.append(PositiveGroup(queries, positives))
+        first, last = int(queries[0]), int(queries[-1])
+        consecutive = last - first + 1 == len(queries)
+        rows = pos_mask[first : last + 1] if consecutive else pos_mask[queries]
+        positives = rows.nonzero()[:, 1].view(-1, p)
+        groups.append(PositiveGroup(queries, positives, first if consecutive else None))
     return groups
 
 
@@ -58,18 +62,44 @@ def _blocks(group: PositiveGroup, n_items: int, max_elems: int):
     if p * n_items <= max_elems:
         step = max(1, max_elems // (p * n_items))
         for q0 in range(0, n_queries, step):
-            yield slice(q0, q0 + step), slice(0, p)
+            yield slice(q0, min(q0 + step, n_queries)), slice(0, p)
     else:
         step = max(1, max_elems // n_items)
         for q0 in range(n_queries):
             for p0 in range(0, p, step):
-                yield slice(q0, q0 + 1), slice(p0, p0 + step)
+                yield slice(q0, q0 + 1), slice(p0, min(p0 + step, p))
 
 
-def _rows_and_positive_scores(scaled, group: PositiveGroup, qs: slice):
-    queries = group.queries[qs]
-    rows = scaled.index_select(0, queries)  # (q, N)
-    return queries, rows, rows.gather(1, group.positives[qs])  # (q, p)
+def _block_buffer(scaled, groups: List[PositiveGroup], max_elems: int) -> torch.Tensor:
+    """One flat buffer that every block of every group fits in, reused from block to block (a
+    fresh allocation per block would pay for zeroing new pages each time)."""
+    n_items = scaled.shape[1]
+    largest = 0
+    for group in groups:
+        qs, ps = next(_blocks(group, n_items, max_elems))
+        largest = max(largest, (qs.stop - qs.start) * (ps.stop - ps.start) * n_items)
+    return torch.empty(largest, dtype=scaled.dtype, device=scaled.device)
+
+
+def _differences(buffer, rows, anchors):
+    """(q, pb, N) view of ``buffer`` holding rows[q, j] - anchors[q, i]."""
+    shape = (rows.shape[0], anchors.shape[1], rows.shape[1])
+    out = buffer[: shape[0] * shape[1] * shape[2]].view(shape)
+    return torch.sub(rows.unsqueeze(1), anchors.unsqueeze(2), out=out)
+
+
+def _rows(t: torch.Tensor, group: PositiveGroup, qs: slice) -> torch.Tensor:
+    """Rows of ``t`` for the group's queries ``qs``: a view when the rows are consecutive."""
+    if group.first_query is not None:
+        return t[group.first_query + qs.start : group.first_query + qs.stop]
+    return t.index_select(0, group.queries[qs])
+
+
+def _add_to_rows(grad: torch.Tensor, group: PositiveGroup, qs: slice, values: torch.Tensor):
+    if group.first_query is not None:
+        _rows(grad, group, qs).add_(values)
+    else:
+        grad.index_add_(0, group.queries[qs], values)
 
 
 def sigmoid_(x):
@@ -82,7 +112,7 @@ def heaviside_(x):
 
 
 def group_ranks(
-    scaled: torch.Tensor, group: PositiveGroup, squash: Callable, max_elems: int
+    scaled: torch.Tensor, group: PositiveGroup, squash: Callable, max_elems: int, buffer
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Smooth ranks of each positive of each query in ``group``.
 
@@ -92,10 +122,11 @@ def group_ranks(
     A = torch.empty(group.positives.shape, dtype=scaled.dtype, device=scaled.device)
     R = torch.empty_like(A)
     for qs, ps in _blocks(group, scaled.shape[1], max_elems):
-        _, rows, pos_scores = _rows_and_positive_scores(scaled, group, qs)
-        anchors = pos_scores[:, ps].unsqueeze(2)  # (q, pb, 1)
-        A[qs, ps] = squash(rows.unsqueeze(1) - anchors).sum(2).add_(0.5)
-        R[qs, ps] = squash(pos_scores.unsqueeze(1) - anchors).sum(2).add_(0.5)
+        rows = _rows(scaled, group, qs)  # (q, N)
+        pos_scores = rows.gather(1, group.positives[qs])  # (q, p)
+        anchors = pos_scores[:, ps]  # (q, pb)
+        A[qs, ps] = squash(_differences(buffer, rows, anchors)).sum(2).add_(0.5)
+        R[qs, ps] = squash(pos_scores.unsqueeze(1) - anchors.unsqueeze(2)).sum(2).add_(0.5)
     return A, R
 
 
@@ -112,24 +143,25 @@ def average_precision_from_ranks(
 def scaled_score_grad(scaled, groups, ranks, grad_ap, max_elems) -> torch.Tensor:
     """∂L/∂scaled (Q, N) from ∂L/∂AP (Q,), by DESIGN.md §3 with σ recomputed block by block."""
     grad = torch.zeros_like(scaled)
-    grad_ap = grad_ap.to(scaled.dtype)
+    buffer = _block_buffer(scaled, groups, max_elems)
     for group, (A, R) in zip(groups, ranks):
         p = group.positives.shape[1]
         alpha = grad_ap[group.queries].unsqueeze(1) / (p * A)  # coefficient of R
         beta = -alpha * R / A  # coefficient of A
         grad_pos = torch.zeros_like(A)  # gradient collected at the positives' columns
         for qs, ps in _blocks(group, scaled.shape[1], max_elems):
-            queries, rows, pos_scores = _rows_and_positive_scores(scaled, group, qs)
-            anchors = pos_scores[:, ps].unsqueeze(2)
+            rows = _rows(scaled, group, qs)
+            pos_scores = rows.gather(1, group.positives[qs])
+            anchors = pos_scores[:, ps]
             # A-terms: w[q, i, j] = β[q, i] σ'(x); ∂s[q, j] += w, ∂s[q, i] -= Σ_j w.
-            u = (rows.unsqueeze(1) - anchors).sigmoid_()
+            u = _differences(buffer, rows, anchors).sigmoid_()
             w = torch.ops.aten.sigmoid_backward.grad_input(
                 beta[qs, ps].unsqueeze(2).expand_as(u), u, grad_input=u
             )
-            grad[queries] += w.sum(1)
+            _add_to_rows(grad, group, qs, w.sum(1))
             grad_pos[qs, ps] -= w.sum(2)
             # R-terms, over positive columns only.
-            u = (pos_scores.unsqueeze(1) - anchors).sigmoid_()
+            u = (pos_scores.unsqueeze(1) - anchors.unsqueeze(2)).sigmoid_()
             w = alpha[qs, ps].unsqueeze(2) * u * (1 - u)
             grad_pos[qs] += w.sum(1)
             grad_pos[qs, ps] -= w.sum(2)
@@ -148,7 +180,8 @@ class SmoothAPFunction(torch.autograd.Function):
     def forward(ctx, scores, pos_mask, valid_mask, temperature, max_elems):
         scaled = masked_scores(scores, valid_mask, 1.0 / temperature)
         groups = group_by_positive_count(pos_mask)
-        ranks = [group_ranks(scaled, g, sigmoid_, max_elems) for g in groups]
+        buffer = _block_buffer(scaled, groups, max_elems)
+        ranks = [group_ranks(scaled, g, sigmoid_, max_elems, buffer) for g in groups]
         ctx.groups, ctx.temperature, ctx.max_elems = groups, temperature, max_elems
         ctx.scores_dtype = scores.dtype
         ctx.save_for_backward(scaled, *[t for AR in ranks for t in AR])
@@ -159,9 +192,10 @@ class SmoothAPFunction(torch.autograd.Function):
     def backward(ctx, grad_ap):
         scaled, *flat = ctx.saved_tensors
         ranks = list(zip(flat[0::2], flat[1::2]))
+        # scaled = scores / τ: the chain rule's 1/τ is folded into ∂L/∂AP (in the rank dtype).
+        grad_ap = grad_ap.to(scaled.dtype) / ctx.temperature
         grad = scaled_score_grad(scaled, ctx.groups, ranks, grad_ap, ctx.max_elems)
-        grad_scores = (grad / ctx.temperature).to(ctx.scores_dtype)
-        return grad_scores, None, None, None, None
+        return grad.to(ctx.scores_dtype), None, None, None, None
 
 
 def _max_elems(scores, workspace_bytes: int) -> int:
@@ -179,5 +213,6 @@ def average_precision(scores, pos_mask, valid_mask, workspace_bytes):
     max_elems = _max_elems(scores, workspace_bytes)
     scaled = masked_scores(scores, valid_mask, 1.0)
     groups = group_by_positive_count(pos_mask)
-    ranks = [group_ranks(scaled, g, heaviside_, max_elems) for g in groups]
+    buffer = _block_buffer(scaled, groups, max_elems)
+    ranks = [group_ranks(scaled, g, heaviside_, max_elems, buffer) for g in groups]
     return average_precision_from_ranks(scaled, groups, ranks, scores.dtype)
