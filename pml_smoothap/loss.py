@@ -22,7 +22,9 @@ def _pair_mask(rows, cols, shape, device, kind):
 
 
 def query_masks(labels, ref_labels, indices_tuple, shape, self_ranking, include_self, device):
-    """(pos_mask, valid_mask), each (Q, N) bool, as DESIGN.md §1 defines them.
+    """(pos_mask, valid_mask, has_term) as DESIGN.md §1 defines them: (Q, N) bool masks of each
+    query's positives and retrieval set (``valid_mask`` None: every item), and (Q,) bool, True
+    for the queries with a positive other than themselves.
 
     Without ``indices_tuple`` the positives are the items with the query's label and every item
     is ranked. With it, pairs ``(a1, p, a2, n)`` (triplets are converted) give each anchor's
@@ -41,13 +43,16 @@ def query_masks(labels, ref_labels, indices_tuple, shape, self_ranking, include_
         a1, p, a2, n = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
         pos_mask = _pair_mask(a1, p, shape, device, "positive")
         valid_mask = _pair_mask(a2, n, shape, device, "negative") | pos_mask
-    if self_ranking:  # the masks are new tensors: set their diagonals in place
-        pos_mask.fill_diagonal_(include_self)
-        if valid_mask is not None:
-            valid_mask.fill_diagonal_(include_self)
-        elif not include_self:
-            valid_mask = ~torch.eye(n_queries, dtype=torch.bool, device=device)
-    return pos_mask, valid_mask
+    if not self_ranking:
+        return pos_mask, valid_mask, pos_mask.any(1)
+    # The masks are new tensors: their diagonals are set in place.
+    has_term = pos_mask.fill_diagonal_(False).any(1)
+    pos_mask.fill_diagonal_(include_self)
+    if valid_mask is not None:
+        valid_mask.fill_diagonal_(include_self)
+    elif not include_self:
+        valid_mask = ~torch.eye(n_queries, dtype=torch.bool, device=device)
+    return pos_mask, valid_mask, has_term
 
 
 class SmoothAPLoss(BaseMetricLossFunction):
@@ -100,7 +105,7 @@ class SmoothAPLoss(BaseMetricLossFunction):
             )
         if not self.distance.is_inverted:
             scores = -scores
-        pos_mask, valid_mask = query_masks(
+        pos_mask, valid_mask, has_term = query_masks(
             labels,
             ref_labels,
             indices_tuple,
@@ -109,10 +114,6 @@ class SmoothAPLoss(BaseMetricLossFunction):
             self.include_self,
             scores.device,
         )
-        others = torch.count_nonzero(pos_mask, dim=1)
-        if self_ranking:
-            others -= pos_mask.diagonal().long()
-        has_term = others > 0
         queries = has_term.nonzero().squeeze(1)
         if len(queries) == 0:
             return self.zero_losses()

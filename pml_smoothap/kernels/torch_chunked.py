@@ -24,16 +24,20 @@ class PositiveGroup(NamedTuple):
 
 def group_by_positive_count(pos_mask: torch.Tensor) -> List[PositiveGroup]:
     """Split the rows of a (Q, N) bool mask by their number of positives (rows with none dropped)."""
-    counts = torch.count_nonzero(pos_mask, dim=1)
-    groups = []
-    for p in counts.unique().tolist():
+    rows, cols = pos_mask.nonzero(as_tuple=True)  # row-major; cheaper than summing a bool mask
+    counts = torch.bincount(rows, minlength=pos_mask.shape[0])
+    sizes = counts.unique().tolist()
+    if len(sizes) > 1:  # order the entries by their row's count, rows staying in order
+        cols = cols[torch.argsort(counts[rows], stable=True)]
+    groups, start = [], 0
+    for p in sizes:
         if p == 0:
             continue
         queries = (counts == p).nonzero().squeeze(1)
         first, last = int(queries[0]), int(queries[-1])
         consecutive = last - first + 1 == len(queries)
-        rows = pos_mask[first : last + 1] if consecutive else pos_mask[queries]
-        positives = rows.nonzero()[:, 1].view(-1, p)
+        positives = cols[start : start + len(queries) * p].view(-1, p)
+        start += positives.numel()
         groups.append(PositiveGroup(queries, positives, first if consecutive else None))
     return groups
 
