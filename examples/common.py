@@ -186,7 +186,9 @@ def train(
         if val is not None:
             val_metrics = retrieval_metrics(embed(model, val.x, device), val.y)
             record["val_map_at_r"] = val_metrics["mean_average_precision_at_r"]
-            bar.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}", val_map_at_r=f"{record['val_map_at_r']:.3f}")
+            bar.set_postfix(
+                epoch=epoch, loss=f"{record['loss']:.4f}", val_map_at_r=f"{record['val_map_at_r']:.3f}"
+            )
         history.append(record)
     bar.close()
     return history
@@ -275,7 +277,7 @@ def save_retrieval_picture(images, labels, embeddings, path, n_queries=8, k=8, s
     neighbours = nearest_neighbours(embeddings, k)
     generator = torch.Generator().manual_seed(seed)
     queries = torch.randperm(len(labels), generator=generator)[:n_queries]
-    fig, axes = plt.subplots(n_queries, k + 1, figsize=(k + 1, n_queries * 1.05))
+    fig, axes = plt.subplots(n_queries, k + 1, figsize=(0.8 * (k + 1), 0.8 * n_queries + 0.4))
     for row, query in enumerate(queries.tolist()):
         items = [query] + neighbours[query].tolist()
         for col, item in enumerate(items):
@@ -287,10 +289,9 @@ def save_retrieval_picture(images, labels, embeddings, path, n_queries=8, k=8, s
             for spine in ax.spines.values():
                 spine.set_color(color)
                 spine.set_linewidth(1 if col == 0 else 3)
-        axes[row, 0].set_ylabel(f"query {labels[query].item()}", fontsize=8)
-    axes[0, 0].set_title("query", fontsize=9)
-    axes[0, 1].set_title(f"its {k} nearest neighbours (green: same digit)", fontsize=9, loc="left")
-    fig.tight_layout()
+    fig.suptitle(f"query (left) and its {k} nearest neighbours; green: same digit, red: not", fontsize=9)
+    top = 1 - 0.4 / (0.8 * n_queries + 0.4)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=top, wspace=0.15, hspace=0.15)
     fig.savefig(path, dpi=60)
     plt.close(fig)
 
@@ -305,8 +306,8 @@ def add_training_arguments(parser, **defaults):
         "steps_per_epoch": 30,
         "m_per_class": 16,
         "classes_per_batch": 10,
-        "lr": 1e-3,
-        "temperature": 0.01,
+        "lr": 3e-3,
+        "temperature": 0.3,
         "embedding_size": 64,
         "width": 32,
         "seed": 0,

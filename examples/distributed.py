@@ -72,7 +72,10 @@ def main(argv=None):
         identical = weights_identical_across_ranks(network)
         if rank == 0:
             batch = args.m_per_class * args.classes_per_batch
-            print(f"{world_size} processes ({backend}), {batch} per process, {world_size * batch} ranked per query")
+            print(
+                f"{world_size} processes ({backend}), {batch} per process, "
+                f"{world_size * batch} ranked per query"
+            )
             for record in history:
                 print(f"epoch {record['epoch']}: loss {record['loss']:.4f}")
             metrics = train_digits.test_metrics(network, args, splits["test"])

@@ -86,16 +86,19 @@ def main(argv=None):
     for step in range(1, args.steps + 1):
         inputs, labels = views_batch(train_images, args.images_per_batch, args.views, args.noise)
         if step == 1 and args.check_gradient:
-            report["gradient_difference"] = gradient_difference(model, inputs, labels, loss_fn, args.chunk_size)
-            print(f"cached vs plain gradient: max |difference| / max |gradient| = {report['gradient_difference']:.2e}")
+            difference = gradient_difference(model, inputs, labels, loss_fn, args.chunk_size)
+            report["gradient_difference"] = difference
+            print(f"cached vs plain gradient: max |difference| / max |gradient| = {difference:.2e}")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         optimizer.zero_grad(set_to_none=True)
         loss = large_batch_backward(model, inputs, labels, loss_fn, args.chunk_size)
         optimizer.step()
         report["losses"].append(loss.item())
-        memory = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else ""
-        print(f"step {step}: loss {loss.item():.4f} ({time.perf_counter() - start:.1f} s{memory})", flush=True)
+        line = f"step {step}: loss {loss.item():.4f} ({time.perf_counter() - start:.1f} s"
+        if device.type == "cuda":
+            line += f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
+        print(line + ")", flush=True)
 
     report["after"] = common.retrieval_metrics(common.embed(model, test.x, device), test.y)
     print("test digit retrieval (the training used no digit labels):")

@@ -69,8 +69,10 @@ def save_temperature_plot(temperatures, curves, differences, path):
         sigmoid = 1 / (1 + np.exp(-np.clip(d / temperature, -50, 50)))
         region_ax.plot(d, 4 * sigmoid * (1 - sigmoid), label=f"τ={temperature:g}")
     histogram_ax = region_ax.twinx()
-    for color, (name, values) in zip(("C0", "C1"), differences.items()):
-        histogram_ax.hist(values, bins=100, range=(-1, 1), density=True, alpha=0.25, color=color, label=f"d, {name}")
+    for color, (name, values) in zip(("tab:gray", "black"), differences.items()):
+        histogram_ax.hist(
+            values, bins=100, range=(-1, 1), density=True, alpha=0.25, color=color, label=f"d, {name}"
+        )
     histogram_ax.set_yticks([])
     region_ax.set(
         xlabel="d = s(negative) − s(positive)",
@@ -90,7 +92,8 @@ def trained_model(args, device):
         return train_digits.load_checkpoint(args.checkpoint, device)
     print(f"{args.checkpoint} not found: training with train_digits ({args.epochs} epochs)")
     digits_args = train_digits.parse_args(
-        ["--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch), "--device", args.device]
+        ["--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch)]
+        + ["--device", args.device]
         + (["--no-progress"] if args.no_progress else [])
     )
     model, _ = train_digits.train_model(digits_args, common.digits_splits(), progress=not args.no_progress)
@@ -126,12 +129,13 @@ def main(argv=None):
     print("| τ | " + " | ".join(f"smooth AP, {name}" for name in curves) + " |")
     print("|---|" + "---|" * len(curves))
     for i, temperature in enumerate(temperatures):
-        print(f"| {temperature:.2g} | " + " | ".join(f"{smooth[i]:.4f}" for smooth, _ in curves.values()) + " |")
+        cells = " | ".join(f"{smooth[i]:.4f}" for smooth, _ in curves.values())
+        print(f"| {temperature:.2g} | {cells} |")
     print("| exact AP | " + " | ".join(f"{exact:.4f}" for _, exact in curves.values()) + " |")
     for name, values in differences.items():
         for temperature in REGION_TEMPERATURES:
             active = np.mean(np.abs(values) < 3 * temperature)
-            print(f"{name}: {100 * active:.1f}% of (negative, positive) pairs within 3τ of a tie for τ={temperature:g}")
+            print(f"{name}, τ={temperature:g}: {100 * active:.1f}% of (negative, positive) pairs within 3τ")
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "temperature.png")

@@ -201,7 +201,10 @@ def main(argv=None):
 
     steps = args.steps_per_epoch or len(train_set) // args.batch_size
     sampler = MPerClassSampler(
-        train_set.labels, args.m_per_class, batch_size=args.batch_size, length_before_new_iter=steps * args.batch_size
+        train_set.labels,
+        args.m_per_class,
+        batch_size=args.batch_size,
+        length_before_new_iter=steps * args.batch_size,
     )
     loader = torch.utils.data.DataLoader(
         train_set,
@@ -224,7 +227,9 @@ def main(argv=None):
             scaler.step(optimizer)
             scaler.update()
             losses.append(loss.item())
-        embeddings, labels = embed_dataset(model, test_set, device, args.batch_size, args.num_workers, args.amp)
+        embeddings, labels = embed_dataset(
+            model, test_set, device, args.batch_size, args.num_workers, args.amp
+        )
         metrics = common.retrieval_metrics(embeddings, labels, recall_ks=args.recall_ks)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), **metrics})
         print(
@@ -232,7 +237,11 @@ def main(argv=None):
             + common.format_metrics(metrics),
             flush=True,
         )
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+        }
         torch.save({**state, "epoch": epoch, "history": history, "args": vars(args)}, checkpoint_path)
     return history
 

@@ -36,7 +36,9 @@ def main(argv=None):
     }
     results = {}
     for name, loss_fn in losses.items():
-        model, history = train_digits.train_model(args, splits, loss_fn=loss_fn, progress=not args.no_progress)
+        model, history = train_digits.train_model(
+            args, splits, loss_fn=loss_fn, progress=not args.no_progress
+        )
         results[name] = {"test": train_digits.test_metrics(model, args, splits["test"]), "history": history}
         print(f"  {name:32s} {common.format_metrics(results[name]['test'])}", flush=True)
     return results
