@@ -1,6 +1,6 @@
 """Train an image embedding with Smooth-AP on scikit-learn's 8x8 digits, then evaluate retrieval.
 
-    python examples/train_digits.py                   # ~1 min on 2 CPU cores
+    python examples/train_digits.py                   # ~15 s on 2 idle CPU cores
     python examples/train_digits.py --class-disjoint  # train on digits 0-4, test on 5-9
     python examples/train_digits.py --compare         # six losses x 3 seeds, markdown table
     python examples/train_digits.py --tune            # the validation grid behind the defaults
