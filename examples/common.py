@@ -1,9 +1,11 @@
 """Shared by the examples: the digits data and splits, the network, the training loop, retrieval
 metrics (pytorch-metric-learning's AccuracyCalculator on faiss) and the pictures.
 
-Every example trains with the same plain loop (:func:`train`) rather than PML's trainers, because
-the examples change what a step does — gradient caching, a cross-batch memory, a distributed
-loss wrapper — and one ten-line loop shows that more plainly than one trainer subclass each.
+The digits examples train with one plain loop (:func:`train`) rather than PML's MetricLossOnly:
+they swap what a step uses — a cross-batch memory, a distributed loss wrapper around a DDP
+model, another loss — and a ten-line loop shows that more plainly than a trainer configured (or
+subclassed) for each; large_batch.py replaces the backward itself. tests/test_training.py runs
+SmoothAPLoss inside MetricLossOnly.
 """
 import argparse
 import random
@@ -157,17 +159,11 @@ def train(
     m_per_class,
     classes_per_batch,
     val=None,
-    augment=None,
-    backward=plain_backward,
     progress=True,
 ):
-    """Train ``model`` on ``data`` (a :class:`Split`) and return the history, one dict per epoch:
-    mean training loss and, when ``val`` is given, its mean_average_precision_at_r.
-
-    ``augment`` maps a batch of images to augmented images; ``backward(model, inputs, labels,
-    loss_fn)`` fills the gradients and returns the loss (:func:`plain_backward`, or gradient
-    caching with :func:`pml_smoothap.large_batch_backward`).
-    """
+    """Train ``model`` on ``data`` (a :class:`Split`) with ``loss_fn(embeddings, labels)`` on
+    MPerClassSampler batches; return the history, one dict per epoch: the mean training loss
+    and, when ``val`` is given, its mean_average_precision_at_r."""
     history = []
     bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, desc="train", leave=False)
     for epoch in range(1, epochs + 1):
@@ -175,10 +171,8 @@ def train(
         losses = []
         for idx in batch_indices(data.y, m_per_class, classes_per_batch, steps_per_epoch):
             inputs, labels = data.x[idx].to(device), data.y[idx].to(device)
-            if augment is not None:
-                inputs = augment(inputs)
             optimizer.zero_grad(set_to_none=True)
-            losses.append(backward(model, inputs, labels, loss_fn).item())
+            losses.append(plain_backward(model, inputs, labels, loss_fn).item())
             optimizer.step()
             bar.update()
             bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
