@@ -6,7 +6,6 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from . import ops
-from .kernels.torch_chunked import DEFAULT_WORKSPACE_BYTES
 
 
 def _pair_mask(rows, cols, shape, device, kind):
@@ -67,7 +66,8 @@ class SmoothAPLoss(BaseMetricLossFunction):
         include_self: when the batch is ranked against itself, count the query as its own
             positive, as the authors do. False gives the leave-one-out AP of retrieval metrics.
         backend: "auto", "torch" or "triton" (see :func:`pml_smoothap.smooth_ap`).
-        workspace_bytes: bound on the temporaries of the "torch" backend.
+        workspace_bytes: bound on the temporaries of the "torch" backend (None: 4 MiB on CPU,
+            64 MiB on other devices).
         **kwargs: ``distance``, ``reducer``, ``embedding_regularizer``... for the base class.
     """
 
@@ -76,14 +76,14 @@ class SmoothAPLoss(BaseMetricLossFunction):
         temperature=0.01,
         include_self=True,
         backend="auto",
-        workspace_bytes=DEFAULT_WORKSPACE_BYTES,
+        workspace_bytes=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.temperature = ops.check_temperature(temperature)
         self.include_self = bool(include_self)
         self.backend = ops.check_backend(backend)
-        self.workspace_bytes = int(workspace_bytes)
+        self.workspace_bytes = ops.check_workspace(workspace_bytes)
         self.add_to_recordable_attributes(list_of_names=["temperature"], is_stat=False)
 
     def get_default_distance(self):

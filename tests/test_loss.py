@@ -30,6 +30,8 @@ def random_batch(labels, dim=8, seed=0, dtype=torch.float64):
         (dict(temperature=[0.01]), TypeError, "temperature must be a number"),
         (dict(backend="cuda"), ValueError, "backend must be one of"),
         (dict(backend=None), ValueError, "backend must be one of"),
+        (dict(workspace_bytes=-1), ValueError, "workspace_bytes must be >= 1"),
+        (dict(workspace_bytes="4MB"), TypeError, "workspace_bytes must be an integer or None"),
     ],
 )
 def test_constructor_rejects_bad_hyperparameters(kwargs, error, match):

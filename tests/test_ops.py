@@ -269,6 +269,8 @@ POS = torch.tensor([[True, False, False], [False, True, True]])
         (dict(valid_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "valid_mask has shape"),
         (dict(valid_mask=torch.ones(2, 3)), ValueError, "valid_mask must be a bool tensor"),
         (dict(valid_mask=~POS), ValueError, "pos_mask must imply valid_mask"),
+        (dict(workspace_bytes=0), ValueError, "workspace_bytes must be >= 1"),
+        (dict(workspace_bytes=1.5), TypeError, "workspace_bytes must be an integer or None"),
     ],
 )
 def test_smooth_ap_rejects_bad_input(kwargs, error, match):

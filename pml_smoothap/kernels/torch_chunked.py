@@ -11,7 +11,10 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-DEFAULT_WORKSPACE_BYTES = 64 * 2**20
+# Blocks that stay in a CPU's cache make the element-wise passes over them cheap (measured with
+# benchmarks/bench_cpu.py); on GPUs larger blocks mean fewer kernel launches.
+CPU_WORKSPACE_BYTES = 4 * 2**20
+DEVICE_WORKSPACE_BYTES = 64 * 2**20
 
 
 class PositiveGroup(NamedTuple):
@@ -202,8 +205,11 @@ class SmoothAPFunction(torch.autograd.Function):
         return grad.to(ctx.scores_dtype), None, None, None, None
 
 
-def _max_elems(scores, workspace_bytes: int) -> int:
+def _max_elems(scores, workspace_bytes: Optional[int]) -> int:
     """How many rank-dtype elements one (q, p, N) block may hold."""
+    if workspace_bytes is None:
+        cpu = scores.device.type == "cpu"
+        workspace_bytes = CPU_WORKSPACE_BYTES if cpu else DEVICE_WORKSPACE_BYTES
     return max(1, workspace_bytes * 8 // torch.finfo(rank_dtype(scores.dtype)).bits)
 
 
