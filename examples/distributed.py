@@ -81,6 +81,10 @@ def main(argv=None):
             metrics = train_digits.test_metrics(network, args, splits["test"])
             print(f"test: {common.format_metrics(metrics)}")
             print(f"weights identical across ranks: {identical}")
+        # Leave together, and drop DDP's hold on the process group before destroying it: a gloo
+        # rank torn down while its peer is still evaluating can hang at exit.
+        dist.barrier()
+        del model
     finally:
         dist.destroy_process_group()
 
