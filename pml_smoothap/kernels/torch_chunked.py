@@ -102,6 +102,13 @@ def _rows(t: torch.Tensor, group: PositiveGroup, qs: slice) -> torch.Tensor:
     return t.index_select(0, group.queries[qs])
 
 
+def _block_scores(scaled, group: PositiveGroup, qs: slice, ps: slice):
+    """The block's rows (q, N), their positives' scores (q, p) and its anchors (q, pb)."""
+    rows = _rows(scaled, group, qs)
+    pos_scores = rows.gather(1, group.positives[qs])
+    return rows, pos_scores, pos_scores[:, ps]
+
+
 def _add_to_rows(grad: torch.Tensor, group: PositiveGroup, qs: slice, values: torch.Tensor):
     if group.first_query is not None:
         _rows(grad, group, qs).add_(values)
@@ -129,9 +136,7 @@ def group_ranks(
     A = torch.empty(group.positives.shape, dtype=scaled.dtype, device=scaled.device)
     R = torch.empty_like(A)
     for qs, ps in _blocks(group, scaled.shape[1], max_elems):
-        rows = _rows(scaled, group, qs)  # (q, N)
-        pos_scores = rows.gather(1, group.positives[qs])  # (q, p)
-        anchors = pos_scores[:, ps]  # (q, pb)
+        rows, pos_scores, anchors = _block_scores(scaled, group, qs, ps)
         A[qs, ps] = squash(_differences(buffer, rows, anchors)).sum(2).add_(0.5)
         R[qs, ps] = squash(pos_scores.unsqueeze(1) - anchors.unsqueeze(2)).sum(2).add_(0.5)
     return A, R
@@ -157,9 +162,7 @@ def scaled_score_grad(scaled, groups, ranks, grad_ap, max_elems) -> torch.Tensor
         beta = -alpha * R / A  # coefficient of A
         grad_pos = torch.zeros_like(A)  # gradient collected at the positives' columns
         for qs, ps in _blocks(group, scaled.shape[1], max_elems):
-            rows = _rows(scaled, group, qs)
-            pos_scores = rows.gather(1, group.positives[qs])
-            anchors = pos_scores[:, ps]
+            rows, pos_scores, anchors = _block_scores(scaled, group, qs, ps)
             # A-terms: w[q, i, j] = β[q, i] σ'(x); ∂s[q, j] += w, ∂s[q, i] -= Σ_j w.
             u = _differences(buffer, rows, anchors).sigmoid_()
             w = torch.ops.aten.sigmoid_backward.grad_input(
