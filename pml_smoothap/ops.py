@@ -9,6 +9,7 @@ the items ranked for ``q`` (default: all). Every positive must be ranked (``pos_
 import math
 import numbers
 import os
+import re
 from typing import Optional
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from .kernels import torch_chunked
 
 BACKENDS = ("auto", "torch", "triton")
+MIN_TRITON = (3, 2)  # the oldest Triton the kernels are tested with
 
 
 def check_temperature(temperature) -> float:
@@ -49,8 +51,8 @@ def resolve_backend(
 ) -> str:
     """The backend that runs scores of ``dtype`` on ``device``: "torch" or "triton".
 
-    "auto" is "triton" for CUDA tensors when Triton imports, "torch" otherwise. An explicit
-    "triton" needs Triton installed and a CUDA tensor, or a CPU tensor with TRITON_INTERPRET=1
+    "auto" is "triton" for CUDA tensors when Triton >= 3.2 imports, "torch" otherwise. An
+    explicit "triton" needs Triton >= 3.2 and a CUDA tensor, or a CPU tensor with TRITON_INTERPRET=1
     (Triton's interpreter: slow, for tests). float64 scores always use "torch": the Triton
     kernels accumulate in float32.
     """
@@ -61,7 +63,12 @@ def resolve_backend(
     if backend == "auto":
         return "triton" if device.type == "cuda" and _triton_available() else "torch"
     if not _triton_available():
-        raise ImportError("backend='triton' needs Triton: pip install triton (Linux x86_64)")
+        found = _triton_version()
+        raise ImportError(
+            f"backend='triton' needs Triton >= {'.'.join(map(str, MIN_TRITON))}, found "
+            f"{'none' if found is None else '.'.join(map(str, found))}: pip install -U triton "
+            "(Linux x86_64), or use backend='torch'"
+        )
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if device.type != "cuda" and not (device.type == "cpu" and interpret):
         raise ValueError(
@@ -71,12 +78,18 @@ def resolve_backend(
     return "triton"
 
 
-def _triton_available() -> bool:
+def _triton_version() -> Optional[tuple]:
+    """(major, minor) of the installed Triton, or None when it does not import."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
-        return False
-    return True
+        return None
+    return tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+
+
+def _triton_available() -> bool:
+    version = _triton_version()
+    return version is not None and version >= MIN_TRITON
 
 
 def _check_inputs(scores, pos_mask, valid_mask):

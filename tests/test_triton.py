@@ -202,10 +202,18 @@ def test_backend_resolution(monkeypatch):
     assert ops.resolve_backend("auto", cpu) == "torch"  # never the interpreter unless asked
     assert ops.resolve_backend("triton", cpu) == "triton"  # TRITON_INTERPRET=1 in the tests
     assert ops.resolve_backend("torch", cuda) == "torch"
-    monkeypatch.setattr(ops, "_triton_available", lambda: False)
-    assert ops.resolve_backend("auto", cuda) == "torch"
-    with pytest.raises(ImportError, match="pip install triton"):
-        ops.resolve_backend("triton", cuda)
+    # Without Triton, or with one older than the kernels are tested with: "auto" falls back.
+    for found, named in ((None, "none"), ((3, 1), "3.1")):
+        monkeypatch.setattr(ops, "_triton_version", lambda found=found: found)
+        assert ops.resolve_backend("auto", cuda) == "torch"
+        with pytest.raises(ImportError, match=rf"Triton >= 3\.2, found {named}"):
+            ops.resolve_backend("triton", cuda)
+
+
+def test_installed_triton_version_is_read():
+    import triton
+
+    assert ops._triton_version() == tuple(int(v) for v in triton.__version__.split(".")[:2])
 
 
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):

@@ -24,12 +24,10 @@ import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
+from triton.runtime.interpreter import InterpretedFunction
 
 from .torch_chunked import masked_scores
 
-# Kernels built at import for Triton's CPU interpreter (TRITON_INTERPRET=1) run on CPU tensors
-# only through it; compiled kernels need CUDA tensors.
-INTERPRETED = bool(triton.knobs.runtime.interpret)
 TILE_ELEMS = 4096  # BLOCK_P × BLOCK_N elements per loop step
 MIN_BLOCK_P, MAX_BLOCK_P, MIN_BLOCK_N = 2, 16, 16
 TABLE_BLOCK = 1024  # mask columns per step when building the table of positives
@@ -172,6 +170,11 @@ def _positive_table_kernel(
         slots = found + tl.cumsum(flag, axis=0) - flag
         tl.store(table_ptr + q * stride_tq + slots * stride_tp, cols, mask=flag != 0)
         found += tl.sum(flag, axis=0)
+
+
+# @triton.jit builds, at import, kernels for Triton's CPU interpreter when TRITON_INTERPRET=1 is
+# set (every Triton version): those run on CPU tensors, compiled ones need CUDA tensors.
+INTERPRETED = isinstance(_positive_table_kernel, InterpretedFunction)
 
 
 class BlockSizes(NamedTuple):
