@@ -189,7 +189,10 @@ def main(argv=None):
     model = EmbeddingNet(backbone, args.embedding_size).to(device)
     loss_fn = SmoothAPLoss(temperature=args.temperature)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+    else:
+        scaler = torch.cuda.amp.GradScaler(enabled=args.amp and device.type == "cuda")
     checkpoint_path = os.path.join(args.out, "checkpoint.pt")
     start_epoch, history = 1, []
     if args.resume:

@@ -1,5 +1,7 @@
 import os
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 # The Triton tests run kernels on CPU tensors through Triton's interpreter.
@@ -14,3 +16,15 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def require_cpu_matmul():
+    """``require_cpu_matmul(dtype)`` skips the test where this torch cannot multiply CPU
+    matrices of ``dtype`` (float16 in older releases)."""
+    def require(dtype):
+        try:
+            torch.ones(2, 2, dtype=dtype) @ torch.ones(2, 2, dtype=dtype)
+        except RuntimeError:
+            pytest.skip(f"torch {torch.__version__} has no {dtype} matmul on CPU")
+    return require

@@ -364,7 +364,8 @@ def cosine(a, b):
 
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float16, 1e-3), (torch.bfloat16, 1e-2)])
-def test_low_precision_embeddings(dtype, rtol):
+def test_low_precision_embeddings(dtype, rtol, require_cpu_matmul):
+    require_cpu_matmul(dtype)
     # Same input values in low precision and in float32: measured relative loss errors are
     # 1e-4 (float16) and 3e-3 (bfloat16) at the default temperature.
     embeddings, labels = make_batch(n=32, n_classes=4, dim=16, seed=30, dtype=torch.float32)

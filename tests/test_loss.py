@@ -161,8 +161,9 @@ LOW_PRECISION = [
 @pytest.mark.parametrize("dtype, temperature, loss_tol, grad_tol", LOW_PRECISION)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_half_precision_is_finite_and_close_to_float32(
-    dtype, temperature, loss_tol, grad_tol, seed
+    dtype, temperature, loss_tol, grad_tol, seed, require_cpu_matmul
 ):
+    require_cpu_matmul(dtype)
     embeddings, labels = random_batch(list(range(8)) * 4, dim=16, seed=seed, dtype=torch.float32)
     loss_fn = SmoothAPLoss(temperature=temperature)
 
