@@ -47,6 +47,8 @@ COMPARED_LOSSES = {
     "losses.ContrastiveLoss": lambda args: losses.ContrastiveLoss(),
     "losses.TripletMarginLoss": lambda args: losses.TripletMarginLoss(),
 }
+if not hasattr(losses, "SmoothAPLoss"):  # PML releases before its own Smooth-AP
+    del COMPARED_LOSSES["PML 2.9 losses.SmoothAPLoss"]
 
 
 def build_model(args, device):
