@@ -242,8 +242,8 @@ assert not tf.INTERPRETED
 kernels = (tf._smooth_ap_fwd_kernel, tf._smooth_ap_bwd_items_kernel,
            tf._smooth_ap_bwd_positives_kernel, tf._positive_table_kernel)
 for dtype, kernel in [(dtype, kernel) for dtype in sys.argv[1:] for kernel in kernels]:
-    pointers = {"scores_ptr": "*" + dtype, "table_ptr": "*i32", "counts_ptr": "*i32",
-                "flags_ptr": "*u8", "scale": "fp32"}
+    pointers = {"scores_ptr": "*" + dtype, "grad_ap_ptr": "*" + dtype, "table_ptr": "*i32",
+                "counts_ptr": "*i32", "flags_ptr": "*u8", "scale": "fp32"}
     constexprs = {"BLOCK_P": 4, "BLOCK_N": 1024}
     constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
     signature = {name: pointers.get(name, "*fp32" if name.endswith("_ptr") else "i32")

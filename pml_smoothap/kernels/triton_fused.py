@@ -9,14 +9,16 @@ positives of one query and streams that query's row in BLOCK_N columns; nothing 
 * forward (grid Q × column splits; one split unless there are few queries): per positive i,
   ``A = 1/2 + Σ_j σ(s_j - s_i)`` over the row (σ(0) = 1/2 is the j = i term), ``R`` the same
   over the positive columns, and ``slope = Σ_j σ'(s_j - s_i)``, which the backward needs and
-  which does not depend on ∂L/∂AP.
+  which does not depend on ∂L/∂AP. Split 0 adds the 1/2 and R; further splits add partial sums.
 * backward, items (grid Q × column blocks): ``∂s_j = Σ_i β_i σ'(s_j - s_i)`` — each program owns
   a block of one row and sums over all positive tiles in registers: no atomics, deterministic.
 * backward, positives (grid Q): adds to each positive column ``-β_i slope_i`` (its A-terms as an
   anchor) and ``Σ_k (α_k - α_i) σ'(s_k - s_i)`` (its R-terms as receiver and as anchor).
 
-with ``α_i = g / (n A_i)`` and ``β_i = -g R_i / (n A_i²)`` (DESIGN.md §3). Float64 scores are not
-handled here: the kernels accumulate in float32, so ``ops.resolve_backend`` sends them to "torch".
+with ``α_i = g / (n A_i)`` and ``β_i = -g R_i / (n A_i²)`` (DESIGN.md §3), computed in the kernels
+from ``g = ∂L/∂AP_q``, ``n = |P_q|``, A and R: the backward is two launches. Float64 scores are
+not handled here: the kernels accumulate in float32, so ``ops.resolve_backend`` sends them to
+"torch".
 """
 from typing import NamedTuple, Optional, Tuple
 
@@ -57,7 +59,8 @@ def _smooth_ap_fwd_kernel(
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """For one query and one split of ``split_cols`` columns: Σ_j σ and Σ_j σ' of each live
-    positive (``partial_*[split, q, :]``); split 0 also writes R (``rank_pos[q, :]``)."""
+    positive (``partial_*[split, q, :]``); split 0 adds 1/2 to the former and writes R
+    (``rank_pos[q, :]``)."""
     q = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     row = scores_ptr + q * stride_sq
@@ -79,7 +82,8 @@ def _smooth_ap_fwd_kernel(
             sig_sum += u
             slope_sum += u - u * u
         partial = split.to(tl.int64) * stride_ps + q * stride_pq + offs * stride_pp
-        tl.store(partial_all_ptr + partial, tl.sum(sig_sum, axis=1), mask=live)
+        self_term = tl.where(split == 0, 0.5, 0.0)  # σ(0) of j = i, counted once
+        tl.store(partial_all_ptr + partial, tl.sum(sig_sum, axis=1) + self_term, mask=live)
         tl.store(partial_slope_ptr + partial, tl.sum(slope_sum, axis=1), mask=live)
         if split == 0:
             rank_pos = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -92,11 +96,22 @@ def _smooth_ap_fwd_kernel(
 
 
 @triton.jit
+def _load_coefficients(rank_all_row, rank_pos_row, stride_cp, offs, live, grad_per_pos):
+    """α = g / (n A) and β = -g R / (n A²) of the positives ``offs`` (0 where not live), from
+    ``grad_per_pos`` = g / n."""
+    rank_all = tl.load(rank_all_row + offs * stride_cp, mask=live, other=1.0)
+    rank_pos = tl.load(rank_pos_row + offs * stride_cp, mask=live, other=0.0)
+    alpha = tl.where(live, grad_per_pos / rank_all, 0.0)
+    return alpha, -alpha * rank_pos / rank_all
+
+
+@triton.jit
 def _smooth_ap_bwd_items_kernel(
     scores_ptr, stride_sq, stride_sn,
     table_ptr, stride_tq, stride_tp,
     counts_ptr,
-    beta_ptr, stride_cq, stride_cp,
+    grad_ap_ptr, stride_ga,
+    rank_all_ptr, rank_pos_ptr, stride_cq, stride_cp,
     grad_ptr, stride_gq, stride_gn,
     n_items, scale,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -107,13 +122,15 @@ def _smooth_ap_bwd_items_kernel(
     row = scores_ptr + q * stride_sq
     table_row = table_ptr + q * stride_tq
     n_pos = tl.load(counts_ptr + q)
+    grad_per_pos = tl.load(grad_ap_ptr + q * stride_ga).to(tl.float32) / tl.maximum(n_pos, 1)
     items = tl.load(row + cols * stride_sn, mask=cols < n_items,
                     other=float("-inf")).to(tl.float32) * scale
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)  # reduced over positives at the end
     for p0 in range(0, n_pos, BLOCK_P):
         offs, live, _, anchors = _load_positive_tile(
             row, stride_sn, table_row, stride_tp, p0, n_pos, scale, BLOCK_P)
-        beta = tl.load(beta_ptr + q * stride_cq + offs * stride_cp, mask=live, other=0.0)
+        _, beta = _load_coefficients(rank_all_ptr + q * stride_cq, rank_pos_ptr + q * stride_cq,
+                                     stride_cp, offs, live, grad_per_pos)
         u = tl.sigmoid(items[None, :] - anchors[:, None])
         acc += beta[:, None] * (u - u * u)
     grad = tl.sum(acc, axis=0) * scale
@@ -125,7 +142,8 @@ def _smooth_ap_bwd_positives_kernel(
     scores_ptr, stride_sq, stride_sn,
     table_ptr, stride_tq, stride_tp,
     counts_ptr,
-    alpha_ptr, beta_ptr, slope_ptr, stride_cq, stride_cp,
+    grad_ap_ptr, stride_ga,
+    rank_all_ptr, rank_pos_ptr, slope_ptr, stride_cq, stride_cp,
     grad_ptr, stride_gq, stride_gn,
     scale,
     BLOCK_P: tl.constexpr,
@@ -134,18 +152,21 @@ def _smooth_ap_bwd_positives_kernel(
     q = tl.program_id(0).to(tl.int64)
     row = scores_ptr + q * stride_sq
     table_row = table_ptr + q * stride_tq
-    coef_row = q * stride_cq
+    rank_all_row, rank_pos_row = rank_all_ptr + q * stride_cq, rank_pos_ptr + q * stride_cq
     n_pos = tl.load(counts_ptr + q)
+    grad_per_pos = tl.load(grad_ap_ptr + q * stride_ga).to(tl.float32) / tl.maximum(n_pos, 1)
     for p0 in range(0, n_pos, BLOCK_P):
         offs, live, cols, anchors = _load_positive_tile(
             row, stride_sn, table_row, stride_tp, p0, n_pos, scale, BLOCK_P)
-        alpha = tl.load(alpha_ptr + coef_row + offs * stride_cp, mask=live, other=0.0)
-        beta = tl.load(beta_ptr + coef_row + offs * stride_cp, mask=live, other=0.0)
-        acc = -beta * tl.load(slope_ptr + coef_row + offs * stride_cp, mask=live, other=0.0)
+        alpha, beta = _load_coefficients(rank_all_row, rank_pos_row, stride_cp, offs, live,
+                                         grad_per_pos)
+        slope = tl.load(slope_ptr + q * stride_cq + offs * stride_cp, mask=live, other=0.0)
+        acc = -beta * slope
         for k0 in range(0, n_pos, BLOCK_P):
             k_offs, k_live, _, others = _load_positive_tile(
                 row, stride_sn, table_row, stride_tp, k0, n_pos, scale, BLOCK_P)
-            alpha_k = tl.load(alpha_ptr + coef_row + k_offs * stride_cp, mask=k_live, other=0.0)
+            alpha_k, _ = _load_coefficients(rank_all_row, rank_pos_row, stride_cp, k_offs, k_live,
+                                            grad_per_pos)
             u = tl.sigmoid(others[None, :] - anchors[:, None])
             d = tl.where(k_live[None, :], u - u * u, 0.0)
             acc += tl.sum(alpha_k[None, :] * d, axis=1) - alpha * tl.sum(d, axis=1)
@@ -234,13 +255,15 @@ def smooth_ap_ranks(scores, table, counts, temperature, block_sizes: BlockSizes)
     are added in a fixed order, so the result is deterministic."""
     _check_device(scores)
     n_queries, n_items = scores.shape
-    live = table >= 0
     rank_pos = torch.zeros(table.shape, dtype=torch.float32, device=scores.device)
     if not (n_queries and n_items):
         return torch.ones_like(rank_pos), rank_pos, torch.zeros_like(rank_pos)
     n_splits, split_cols = forward_splits(n_queries, n_items, block_sizes.items)
-    partial_all, partial_slope = torch.zeros((2, n_splits, *table.shape), dtype=torch.float32,
-                                             device=scores.device)
+    # The kernel overwrites live entries; A's padding keeps split 0's 1 and the others' 0.
+    partial_all = torch.ones((n_splits, *table.shape), dtype=torch.float32, device=scores.device)
+    if n_splits > 1:
+        partial_all[1:] = 0.0
+    partial_slope = torch.zeros_like(partial_all)
     _smooth_ap_fwd_kernel[(n_queries, n_splits)](
         scores, scores.stride(0), scores.stride(1),
         table, table.stride(0), table.stride(1),
@@ -250,32 +273,31 @@ def smooth_ap_ranks(scores, table, counts, temperature, block_sizes: BlockSizes)
         n_items, split_cols, 1.0 / temperature,
         BLOCK_P=block_sizes.positives, BLOCK_N=block_sizes.items,
     )
-    rank_all = torch.where(live, partial_all.sum(0) + 0.5, torch.ones_like(rank_pos))
-    return rank_all, rank_pos, partial_slope.sum(0)
+    if n_splits == 1:
+        return partial_all[0], rank_pos, partial_slope[0]
+    return partial_all.sum(0), rank_pos, partial_slope.sum(0)
 
 
 def smooth_ap_score_grad(scores, table, counts, ranks, grad_ap, temperature,
                          block_sizes: BlockSizes) -> torch.Tensor:
     """∂L/∂scores (Q, N) float32 from ∂L/∂AP (Q,), DESIGN.md §3 with σ recomputed."""
     _check_device(scores)
-    rank_all, rank_pos, slope = ranks
+    rank_all, rank_pos, slope = ranks  # (Q, Pmax) float32, one layout
+    assert rank_all.stride() == rank_pos.stride() == slope.stride()
     n_queries, n_items = scores.shape
-    live = table >= 0
-    alpha = grad_ap.to(torch.float32).unsqueeze(1) / (counts.unsqueeze(1) * rank_all)
-    alpha = torch.where(live, alpha, torch.zeros_like(alpha))  # coefficient of R
-    beta = -alpha * rank_pos / rank_all  # coefficient of A
     grad = torch.empty((n_queries, n_items), dtype=torch.float32, device=scores.device)
     if n_queries and n_items:
         scale = 1.0 / temperature
         common = (scores, scores.stride(0), scores.stride(1),
-                  table, table.stride(0), table.stride(1), counts)
+                  table, table.stride(0), table.stride(1), counts,
+                  grad_ap, grad_ap.stride(0))
         _smooth_ap_bwd_items_kernel[(n_queries, triton.cdiv(n_items, block_sizes.items))](
-            *common, beta, beta.stride(0), beta.stride(1),
+            *common, rank_all, rank_pos, *rank_all.stride(),
             grad, grad.stride(0), grad.stride(1), n_items, scale,
             BLOCK_P=block_sizes.positives, BLOCK_N=block_sizes.items,
         )
         _smooth_ap_bwd_positives_kernel[(n_queries,)](
-            *common, alpha, beta, slope, alpha.stride(0), alpha.stride(1),
+            *common, rank_all, rank_pos, slope, *rank_all.stride(),
             grad, grad.stride(0), grad.stride(1), scale,
             BLOCK_P=block_sizes.positives,
         )
