@@ -4,8 +4,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-# The Triton tests run kernels on CPU tensors through Triton's interpreter.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without CUDA, the Triton tests run the kernels on CPU tensors through Triton's interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 settings.register_profile(
     "ci",

@@ -1,8 +1,9 @@
 """The fused Triton backend against the per-query reference and the torch backend.
 
-Runs on CPU tensors through Triton's interpreter (conftest sets TRITON_INTERPRET=1 before
-anything imports Triton). The interpreter is slow: shapes are small, and small block sizes
-make the kernels tile over positives and columns anyway.
+On a machine with CUDA the compiled kernels run on CUDA tensors; elsewhere on CPU tensors
+through Triton's interpreter (conftest sets TRITON_INTERPRET=1 before anything imports Triton
+when there is no CUDA). The interpreter is slow: shapes are small, and small block sizes make
+the kernels tile over positives and columns anyway. The references run on CPU.
 """
 import os
 import subprocess
@@ -18,6 +19,7 @@ from pml_smoothap import SmoothAPLoss, ops  # noqa: E402
 from pml_smoothap.kernels import triton_fused  # noqa: E402
 from pml_smoothap.reference import per_query_smooth_ap  # noqa: E402
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where kernels run
 SMALL_BLOCKS = triton_fused.BlockSizes(positives=4, items=16)
 # Largest |difference| / max |reference| allowed, per score dtype. Both backends rank in float32;
 # low-precision gradients are rounded to the scores' dtype on the way out.
@@ -38,13 +40,18 @@ def reference_ap(scores, pos_mask, valid_mask, temperature):
     return torch.stack([nan if ap is None else ap.to(scores.dtype) for ap in aps])
 
 
-def ap_and_grad(fn, scores, weights):
-    """fn(scores) → AP (Q,), and the gradient of Σ_q weights[q] AP[q] over queries with an AP."""
-    leaf = scores.detach().clone().requires_grad_()
+def ap_and_grad(fn, scores, weights, device="cpu"):
+    """fn(scores on ``device``) → AP (Q,), and the gradient of Σ_q weights[q] AP[q] over queries
+    with an AP; both returned on CPU."""
+    leaf = scores.detach().to(device).clone().requires_grad_()
     ap = fn(leaf)
     has_ap = ~ap.isnan()
-    (ap[has_ap].float() * weights[has_ap]).sum().backward()
-    return ap.detach(), leaf.grad
+    (ap[has_ap].float() * weights.to(device)[has_ap]).sum().backward()
+    return ap.detach().cpu(), leaf.grad.cpu()
+
+
+def on_device(*masks):
+    return [None if mask is None else mask.to(DEVICE) for mask in masks]
 
 
 def assert_matches(actual, expected, rtol):
@@ -55,12 +62,14 @@ def assert_matches(actual, expected, rtol):
 
 
 def check_backends(scores, pos_mask, valid_mask, temperature=0.05, block_sizes=None):
-    """Triton against the per-query reference (float64) and the torch backend: AP and gradient."""
+    """Triton (on DEVICE) against the per-query reference (float64) and the torch backend (CPU):
+    AP and gradient, returned on CPU."""
     rtol = RTOL[scores.dtype]
     weights = torch.randn(scores.shape[0], generator=torch.Generator().manual_seed(1))
+    masks = on_device(pos_mask, valid_mask)
     triton_out = ap_and_grad(
-        lambda s: triton_fused.smooth_ap(s, pos_mask, valid_mask, temperature, block_sizes),
-        scores, weights)
+        lambda s: triton_fused.smooth_ap(s, *masks, temperature, block_sizes),
+        scores, weights, DEVICE)
     torch_out = ap_and_grad(
         lambda s: ops.smooth_ap(s, pos_mask, valid_mask, temperature, backend="torch"),
         scores, weights)
@@ -131,11 +140,11 @@ def test_low_precision_scores(dtype):
 
 
 def test_deterministic():
-    pos_mask, valid_mask = random_masks(3, 33, seed=10, p_pos=0.4)
+    pos_mask, valid_mask = on_device(*random_masks(3, 33, seed=10, p_pos=0.4))
     scores, weights = random_scores(3, 33, seed=11), torch.randn(3)
     runs = [
         ap_and_grad(lambda s: triton_fused.smooth_ap(s, pos_mask, valid_mask, 0.01, SMALL_BLOCKS),
-                    scores, weights)
+                    scores, weights, DEVICE)
         for _ in range(2)
     ]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
@@ -151,14 +160,14 @@ def test_forward_splits_rows_only_when_there_are_few_queries():
 
 def test_positive_table():
     pos_mask = torch.tensor([[0, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
-    table, counts = triton_fused.positive_table(pos_mask)
+    table, counts = triton_fused.positive_table(pos_mask.to(DEVICE))
     assert table.tolist() == [[1, 3, 4], [-1, -1, -1], [0, -1, -1]]
     assert counts.tolist() == [3, 0, 1]
 
 
 def test_positive_table_across_column_blocks():
     pos_mask, _ = random_masks(5, 37, seed=16, p_pos=0.4)
-    table, counts = triton_fused.positive_table(pos_mask, block_items=8)
+    table, counts = triton_fused.positive_table(pos_mask.to(DEVICE), block_items=8)
     for row, positives, count in zip(pos_mask, table, counts):
         expected = row.nonzero().flatten().tolist()
         assert count == len(expected)
@@ -168,9 +177,10 @@ def test_positive_table_across_column_blocks():
 def test_loss_module_with_triton_backend():
     """SmoothAPLoss(backend="triton") equals backend="torch" for labels, a miner, and ref_emb."""
     g = torch.Generator().manual_seed(12)
-    emb = torch.randn(12, 5, generator=g)
-    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 3, 1, 1, 2, 4])
+    emb = torch.randn(12, 5, generator=g).to(DEVICE)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 3, 1, 1, 2, 4], device=DEVICE)
     ref_emb, ref_labels = torch.randn(10, 5, generator=g), torch.randint(0, 3, (10,), generator=g)
+    ref_emb, ref_labels = ref_emb.to(DEVICE), ref_labels.to(DEVICE)
     mined = BatchHardMiner()(emb, labels)
     cases = [dict(labels=labels), dict(labels=labels, indices_tuple=mined),
              dict(labels=labels, ref_emb=ref_emb, ref_labels=ref_labels)]
@@ -200,7 +210,8 @@ def test_backend_resolution(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert ops.resolve_backend("auto", cuda) == "triton"
     assert ops.resolve_backend("auto", cpu) == "torch"  # never the interpreter unless asked
-    assert ops.resolve_backend("triton", cpu) == "triton"  # TRITON_INTERPRET=1 in the tests
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ops.resolve_backend("triton", cpu) == "triton"  # through the interpreter
     assert ops.resolve_backend("torch", cuda) == "torch"
     # Without Triton, or with one older than the kernels are tested with: "auto" falls back.
     for found, named in ((None, "none"), ((3, 1), "3.1")):
