@@ -1,4 +1,6 @@
 """The pytorch-metric-learning glue: SmoothAPLoss builds each query's masks and reduces per query."""
+import sys
+
 import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
@@ -89,10 +91,18 @@ class SmoothAPLoss(BaseMetricLossFunction):
     def get_default_distance(self):
         return CosineSimilarity()
 
-    # Data-dependent masks, grouping and chunk loops: torch.compile would only split this into
-    # many small graphs, slower than eager (benchmarks/torch_compile.py), so it runs eagerly.
-    @torch.compiler.disable
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        # Data-dependent masks, grouping and chunk loops: torch.compile would only split this
+        # into many small graphs, slower than eager (benchmarks/torch_compile.py), so it runs
+        # eagerly. torch.compile can only be tracing when torch._dynamo has been imported;
+        # decorating at import would import it (seconds) for everyone.
+        if "torch._dynamo" in sys.modules:
+            return torch.compiler.disable(self._compute_loss)(
+                embeddings, labels, indices_tuple, ref_emb, ref_labels
+            )
+        return self._compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def _compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         c_f.labels_or_indices_tuple_required(labels, indices_tuple)
         if len(embeddings) == 0 or len(ref_emb) == 0:
             return self.zero_losses()

@@ -1,5 +1,8 @@
 """SmoothAPLoss in training loops: PML's trainer, sampler, tester and AccuracyCalculator on
 sklearn's digits, and a torch.compile'd training step."""
+import subprocess
+import sys
+
 import torch
 from pytorch_metric_learning import samplers, testers, trainers
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
@@ -69,3 +72,28 @@ def test_compiled_training_step_matches_eager():
         expected_grads = torch.autograd.grad(expected, list(model.parameters()))
         torch.testing.assert_close(loss, expected)
         torch.testing.assert_close(grads, expected_grads)
+
+
+def test_compile_leaves_the_loss_eager_and_does_not_recompile_for_other_class_sizes():
+    """Only the model and PML's reducer are captured: no graph holds the loss's sigmoid."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module.code)
+        return graph_module.forward
+
+    model = torch.nn.Linear(16, 8)
+    loss_fn = SmoothAPLoss()
+    compiled = torch.compile(lambda x, y: loss_fn(model(x), y), backend=recording_backend)
+    compiled(torch.randn(24, 16), torch.arange(24) % 4).backward()
+    n_graphs = len(graphs)
+    compiled(torch.randn(24, 16), torch.arange(24) % 5).backward()  # other class sizes
+    assert 0 < n_graphs == len(graphs)
+    assert not any("sigmoid" in code for code in graphs)
+
+
+def test_importing_the_package_does_not_import_dynamo():
+    """torch._dynamo takes seconds to import; the loss only needs it once torch.compile runs."""
+    check = "import sys, pml_smoothap; assert 'torch._dynamo' not in sys.modules"
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=120)
