@@ -5,7 +5,9 @@ Forward+backward time of the loss alone for each batch size: eager; through
 PML's reducer is compiled); and through ``torch.compile`` of a variant that lets Dynamo trace
 ``compute_loss`` (the data-dependent masks and chunk loops split it into many graphs).
 Steady state after the first call; "first call" is that call's time (tracing + Inductor code
-generation, cold: the Inductor cache is a fresh temporary directory).
+generation, cold: the Inductor cache is a fresh temporary directory). Then, for batches with
+random labels (other class sizes each time), how many graphs Dynamo has captured after each
+batch: a growing count is recompilation.
 
     python benchmarks/torch_compile.py [--batch-sizes 64 256 1024] [--per-class 8]
 """
@@ -51,6 +53,27 @@ def compiled_ms(loss_fn, embeddings, labels):
     return milliseconds(compiled, embeddings, labels), first_call
 
 
+def graphs_after_each_batch(loss_fn, batch_size, dim, n_batches=4):
+    """Graphs captured by torch.compile(loss_fn) after each of ``n_batches`` random-label
+    batches (Dynamo only: the graphs run eagerly)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compiled = torch.compile(loss_fn, backend=recording_backend)
+    counts = []
+    for seed in range(n_batches):
+        generator = torch.Generator().manual_seed(seed)
+        embeddings = torch.randn(batch_size, dim, generator=generator, requires_grad=True)
+        labels = torch.randint(0, batch_size // 8, (batch_size,), generator=generator)
+        step(compiled, embeddings, labels)
+        counts.append(len(graphs))
+    return counts
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024])
@@ -74,6 +97,10 @@ def main():
             f"| {batch_size} | {eager:.2f} | {shipped:.2f} ({shipped_first:.1f}) "
             f"| {traced:.2f} ({traced_first:.1f}) |"
         )
+    batch_size = args.batch_sizes[0]
+    print(f"\nGraphs captured after each of 4 batches of {batch_size} with random labels:")
+    print(f"- as shipped: {graphs_after_each_batch(SmoothAPLoss(), batch_size, args.dim)}")
+    print(f"- loss traced: {graphs_after_each_batch(TracedSmoothAPLoss(), batch_size, args.dim)}")
 
 
 if __name__ == "__main__":
