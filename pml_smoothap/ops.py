@@ -6,6 +6,7 @@ the items ranked for ``q`` (default: all). Every positive must be ranked (``pos_
 ``valid_mask``). A query with no positive has no AP: its entry is NaN (select queries with
 ``pos_mask.any(1)``).
 """
+import functools
 import math
 import numbers
 import os
@@ -52,8 +53,8 @@ def resolve_backend(
     """The backend that runs scores of ``dtype`` on ``device``: "torch" or "triton".
 
     "auto" is "triton" for CUDA tensors when Triton >= 3.2 imports, "torch" otherwise. An
-    explicit "triton" needs Triton >= 3.2 and a CUDA tensor, or a CPU tensor with TRITON_INTERPRET=1
-    (Triton's interpreter: slow, for tests). float64 scores always use "torch": the Triton
+    explicit "triton" needs Triton >= 3.2 and a CUDA tensor, or a CPU tensor with
+    TRITON_INTERPRET=1 (Triton's interpreter: slow, for tests). float64 scores always use "torch": the Triton
     kernels accumulate in float32.
     """
     backend = check_backend(backend)
@@ -78,6 +79,7 @@ def resolve_backend(
     return "triton"
 
 
+@functools.lru_cache(maxsize=None)  # asked on every call of the loss; a failed import is slow
 def _triton_version() -> Optional[tuple]:
     """(major, minor) of the installed Triton, or None when it does not import."""
     try:
