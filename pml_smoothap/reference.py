@@ -4,7 +4,8 @@
   ``SmoothAP.forward``), ported device-agnostic. It builds B×B×B tensors and needs batches
   ordered by class with equal class sizes.
 * :func:`per_query_smooth_ap` with :func:`reference_sets`: a plain loop over queries and
-  positives straight from DESIGN.md §1, for any labels, mined pairs and reference sets.
+  positives straight from DESIGN.md §1, for any labels, mined pairs and reference sets;
+  :func:`per_query_smooth_ap_from_masks` is the same loop for the functional API's masks.
 """
 import torch
 
@@ -98,6 +99,17 @@ def per_query_smooth_ap(scores, positives, retrieval, temperature):
             terms.append((1 + sig_pos.sum()) / (1 + sig_all.sum()))
         out.append(torch.stack(terms).mean())
     return out
+
+
+def per_query_smooth_ap_from_masks(scores, pos_mask, valid_mask, temperature):
+    """(Q,) smooth AP from the per-query loop, for (Q, N) bool masks (``valid_mask`` None: every
+    item ranked); NaN for a query without positives. Differentiable."""
+    valid_mask = torch.ones_like(pos_mask) if valid_mask is None else valid_mask
+    positives = [set(row.nonzero().flatten().tolist()) for row in pos_mask]
+    retrieval = [set(row.nonzero().flatten().tolist()) for row in valid_mask]
+    aps = per_query_smooth_ap(scores, positives, retrieval, temperature)
+    nan = scores.new_tensor(float("nan"))
+    return torch.stack([nan if ap is None else ap for ap in aps])
 
 
 def reference_loss(

@@ -11,7 +11,7 @@ from sklearn.metrics import average_precision_score
 
 from pml_smoothap import average_precision, smooth_ap
 from pml_smoothap.kernels.torch_chunked import SmoothAPFunction, _blocks, group_by_positive_count
-from pml_smoothap.reference import per_query_smooth_ap
+from pml_smoothap.reference import per_query_smooth_ap_from_masks
 
 TIGHT = dict(rtol=1e-9, atol=1e-11)
 TINY_WORKSPACE = 64  # bytes: 8 float64 elements, smaller than most (positives × items) rows
@@ -38,16 +38,6 @@ def ranking_problems(draw, shape=shapes):
     return scores, pos_mask, valid_mask
 
 
-def reference_aps(scores, pos_mask, valid_mask, temperature):
-    """(Q,) per-query reference, NaN for a query without positives."""
-    valid_mask = torch.ones_like(pos_mask) if valid_mask is None else valid_mask
-    positives = [set(row.nonzero().flatten().tolist()) for row in pos_mask]
-    retrieval = [set(row.nonzero().flatten().tolist()) for row in valid_mask]
-    aps = per_query_smooth_ap(scores, positives, retrieval, temperature)
-    nan = scores.new_tensor(math.nan)
-    return torch.stack([nan if ap is None else ap for ap in aps])
-
-
 def ap_and_grad(function, scores, *args, **kwargs):
     """Per-query values and the gradient of their sum over queries with positives."""
     scores = scores.clone().requires_grad_()
@@ -66,7 +56,9 @@ def test_smooth_ap_equals_per_query_reference(problem, temperature, transpose):
     if transpose:  # same values, non-contiguous layout
         scores = scores.t().contiguous().t()
     ap, grad = ap_and_grad(smooth_ap, scores, pos_mask, valid_mask, temperature)
-    expected, expected_grad = ap_and_grad(reference_aps, scores, pos_mask, valid_mask, temperature)
+    expected, expected_grad = ap_and_grad(
+        per_query_smooth_ap_from_masks, scores, pos_mask, valid_mask, temperature
+    )
     assert ap.isnan().tolist() == (~pos_mask.any(1)).tolist()
     torch.testing.assert_close(ap, expected, equal_nan=True, **TIGHT)
     torch.testing.assert_close(grad, expected_grad, **TIGHT)

@@ -17,27 +17,13 @@ pytest.importorskip("triton")
 
 from pml_smoothap import SmoothAPLoss, ops  # noqa: E402
 from pml_smoothap.kernels import triton_fused  # noqa: E402
-from pml_smoothap.reference import per_query_smooth_ap  # noqa: E402
+from pml_smoothap.reference import per_query_smooth_ap_from_masks  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where kernels run
 SMALL_BLOCKS = triton_fused.BlockSizes(positives=4, items=16)
 # Largest |difference| / max |reference| allowed, per score dtype. Both backends rank in float32;
 # low-precision gradients are rounded to the scores' dtype on the way out.
 RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-def _masks_to_sets(pos_mask, valid_mask):
-    valid_mask = torch.ones_like(pos_mask) if valid_mask is None else valid_mask
-    positives = [set(row.nonzero().flatten().tolist()) for row in pos_mask]
-    retrieval = [set(row.nonzero().flatten().tolist()) for row in valid_mask]
-    return positives, retrieval
-
-
-def reference_ap(scores, pos_mask, valid_mask, temperature):
-    """(Q,) smooth AP from the plain per-query loop (NaN without positives), differentiable."""
-    aps = per_query_smooth_ap(scores, *_masks_to_sets(pos_mask, valid_mask), temperature)
-    nan = scores.new_tensor(float("nan"))
-    return torch.stack([nan if ap is None else ap.to(scores.dtype) for ap in aps])
 
 
 def ap_and_grad(fn, scores, weights, device="cpu"):
@@ -74,7 +60,7 @@ def check_backends(scores, pos_mask, valid_mask, temperature=0.05, block_sizes=N
         lambda s: ops.smooth_ap(s, pos_mask, valid_mask, temperature, backend="torch"),
         scores, weights)
     reference_out = ap_and_grad(
-        lambda s: reference_ap(s, pos_mask, valid_mask, temperature),
+        lambda s: per_query_smooth_ap_from_masks(s, pos_mask, valid_mask, temperature),
         scores.double(), weights.double())
     for actual, from_torch, from_reference in zip(triton_out, torch_out, reference_out):
         assert actual.dtype == scores.dtype
